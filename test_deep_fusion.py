@@ -1,0 +1,568 @@
+"""Tests for deep_fusion.py: the loss, the heads, the theorems, training, resume and faults.
+
+Run: python -m pytest -q   (CPU only; CUDA tests skip without a GPU)
+"""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import deep_fusion as df
+
+ROOT = Path(__file__).parent
+# A tiny synthetic run: seconds on a 2-core CPU.
+TINY = ["--synthetic-train", "512", "--synthetic-test", "256", "--batch-size", "64", "--epochs", "3",
+        "--head-dim", "32", "--head-depth", "2", "--head-heads", "2", "--head-out", "32", "--linear-epochs", "5",
+        "--knn-k", "20", "--attn-batch", "32", "--log-every", "4", "--eval-every", "0", "--device", "cpu"]
+
+
+def run_main(tmp_path, *extra, name="run"):
+    return df.main([*TINY, "--out-dir", str(tmp_path), "--run-name", name, *extra])
+
+
+def expect_error(capsys, argv, *fragments, code=2):
+    """main(argv) exits with `code` and one stderr line holding every fragment."""
+    with pytest.raises(SystemExit) as e:
+        df.main(argv)
+    assert e.value.code == code
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    for fragment in fragments:
+        assert fragment in err, err
+    return err
+
+
+# ---- NT-Xent ---------------------------------------------------------------------------
+
+
+def nt_xent_naive(z1, z2, tau):
+    """Reference: an explicit double loop over anchors and candidates."""
+    z = [F.normalize(v, dim=0) for v in torch.cat([z1, z2])]
+    n, N, total = len(z), len(z1), 0.0
+    for i in range(n):
+        pos = (i + N) % n
+        denom = sum(math.exp(float(z[i] @ z[j]) / tau) for j in range(n) if j != i)
+        total += -math.log(math.exp(float(z[i] @ z[pos]) / tau) / denom)
+    return total / n
+
+
+@pytest.mark.parametrize("N,d,tau", [(2, 3, 0.5), (5, 8, 0.1), (16, 4, 1.0), (7, 32, 0.02)])
+def test_nt_xent_matches_naive_loop(N, d, tau):
+    g = torch.Generator().manual_seed(N * d)
+    z1, z2 = torch.randn(N, d, generator=g, dtype=torch.float64), torch.randn(N, d, generator=g, dtype=torch.float64)
+    assert df.nt_xent(z1, z2, tau).item() == pytest.approx(nt_xent_naive(z1, z2, tau), rel=1e-9)
+
+
+def test_nt_xent_symmetric_and_scale_invariant():
+    z1, z2 = torch.randn(6, 5), torch.randn(6, 5)
+    assert torch.allclose(df.nt_xent(z1, z2, 0.3), df.nt_xent(z2, z1, 0.3))
+    assert torch.allclose(df.nt_xent(3 * z1, 0.5 * z2, 0.3), df.nt_xent(z1, z2, 0.3), atol=1e-6)
+
+
+@pytest.mark.parametrize("N", [2, 9])
+def test_nt_xent_all_equal_closed_form(N):
+    z = torch.ones(N, 4)
+    assert df.nt_xent(z, z, 0.7).item() == pytest.approx(math.log(2 * N - 1), rel=1e-6)
+
+
+def test_nt_xent_low_precision_is_computed_in_fp32():
+    z1, z2 = torch.randn(8, 16), torch.randn(8, 16)
+    low = df.nt_xent(z1.bfloat16(), z2.bfloat16(), 0.1)
+    assert low.dtype == torch.float32
+    assert low.item() == pytest.approx(df.nt_xent(z1.bfloat16().float(), z2.bfloat16().float(), 0.1).item(), rel=1e-5)
+
+
+def test_nt_xent_gradcheck():
+    z1 = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    z2 = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b: df.nt_xent(a, b, 0.5), (z1, z2))
+
+
+# ---- Heads -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("depth", [2, 4])
+def test_ffn_head_shape_and_depth(depth):
+    g = df.FFNHead(12, 20, 7, depth)
+    assert g(torch.randn(10, 12)).shape == (10, 7)
+    assert sum(isinstance(m, torch.nn.Linear) for m in g.modules()) == depth
+
+
+def test_transformer_head_shapes_and_attention_rows():
+    g = df.TransformerHead(12, dim=16, depth=3, heads=4, out_dim=7)
+    z, attns = g(torch.randn(10, 12), return_attention=True)
+    assert z.shape == (10, 7) and len(attns) == 3
+    for A in attns:
+        assert A.shape == (4, 10, 10)
+        assert torch.allclose(A.sum(-1), torch.ones(4, 10), atol=1e-5)
+
+
+@pytest.mark.parametrize("train_mode", [True, False])
+def test_transformer_head_is_permutation_equivariant(train_mode):
+    torch.manual_seed(0)
+    g = df.TransformerHead(12, dim=16, depth=3, heads=4, out_dim=7).double().train(train_mode)
+    h, perm = torch.randn(10, 12, dtype=torch.float64), torch.randperm(10)
+    assert torch.allclose(g(h)[perm], g(h[perm]), atol=1e-10)
+
+
+def test_transformer_head_mixes_the_batch_and_ffn_does_not():
+    """The point of Deep Fusion: a sample's projection depends on the rest of the batch."""
+    torch.manual_seed(0)
+    h = torch.randn(8, 12)
+    h2 = h.clone()
+    h2[1:] = torch.randn(7, 12)  # same first sample, different companions
+    ffn, tf = df.FFNHead(12, 16, 7).eval(), df.TransformerHead(12, 16, 2, 4, 7).eval()
+    assert torch.allclose(ffn(h)[0], ffn(h2)[0])
+    assert not torch.allclose(tf(h)[0], tf(h2)[0], atol=1e-4)
+
+
+def test_fast_attention_path_equals_explicit():
+    torch.manual_seed(0)
+    g = df.TransformerHead(12, dim=16, depth=3, heads=4, out_dim=7).double().eval()
+    h = torch.randn(10, 12, dtype=torch.float64)
+    fast = g(h)
+    explicit, _ = g(h, return_attention=True)
+    assert torch.allclose(fast, explicit, atol=1e-10)
+
+
+# ---- Fusion score and kNN --------------------------------------------------------------
+
+
+def paired_batch(counts):
+    """labels and partner index of 2N tokens: both views of N images, classes of given sizes."""
+    y = torch.cat([torch.full((c,), k) for k, c in enumerate(counts)])
+    N = len(y)
+    return torch.cat([y, y]), torch.arange(2 * N).roll(N)
+
+
+def test_fusion_score_on_hand_made_attention():
+    labels, pair = paired_batch([3, 5, 2])
+    n = len(labels)
+    same = (labels[:, None] == labels[None, :]).float()
+    nu = same.sum(1)
+    block = same / nu[:, None]  # D^{-1} S: uniform over the own class
+    score, chance = df.fusion_score(block, labels, pair)
+    assert score == pytest.approx(((nu - 2) / nu).mean().item())
+    assert chance == pytest.approx(((nu - 2) / n).mean().item())
+    uniform_score, _ = df.fusion_score(torch.full((n, n), 1 / n), labels, pair)
+    assert uniform_score == pytest.approx(chance)
+    assert df.fusion_score(torch.eye(n), labels, pair)[0] == 0  # self excluded
+    assert df.fusion_score(torch.eye(n)[pair], labels, pair)[0] == 0  # partner excluded
+    per_head = torch.stack([block, torch.full((n, n), 1 / n)])  # heads are averaged
+    assert df.fusion_score(per_head, labels, pair)[0] == pytest.approx((score + chance) / 2)
+
+
+def test_knn_accuracy_separable_and_against_naive():
+    g = torch.Generator().manual_seed(0)
+    centres = torch.randn(3, 8, generator=g) * 5
+    ytr, yte = torch.arange(60) % 3, torch.arange(30) % 3
+    htr, hte = centres[ytr] + torch.randn(60, 8, generator=g), centres[yte] + torch.randn(30, 8, generator=g)
+    assert df.knn_accuracy(htr, ytr, hte, yte, k=5) == 1.0
+    hte_noisy = torch.randn(30, 8, generator=g)
+    sims = F.normalize(hte_noisy, dim=1) @ F.normalize(htr, dim=1).T
+    naive = []
+    for row in sims:
+        top = row.topk(7).indices
+        votes = [sum(math.exp(row[j] / 0.1) for j in top if ytr[j] == c) for c in range(3)]
+        naive.append(max(range(3), key=lambda c: votes[c]))
+    expected = (torch.tensor(naive) == yte).float().mean().item()
+    assert df.knn_accuracy(htr, ytr, hte_noisy, yte, k=7, t=0.1) == pytest.approx(expected)
+
+
+# ---- Theorems (THEORY.md) --------------------------------------------------------------
+
+SIZES = [5, 9, 14, 3]  # unequal classes: nu_i varies
+
+
+@pytest.mark.parametrize("beta", [0.5, 2.0, 8.0, 50.0])
+def test_theorem1_bounds(beta):
+    gamma = 0.5
+    X, labels, Fm = df.union_of_subspaces(SIZES, dim=20, sub_dim=3, gamma=gamma)
+    W = math.sqrt(beta) * Fm
+    S = (X @ W) @ (X @ W).T  # logits
+    same = labels[:, None] == labels[None, :]
+    assert S[~same].abs().max() < 1e-8  # claim 1: cross-class logits vanish
+    rho = beta * gamma**2
+    assert S[same].min() >= rho - 1e-8  # claim 2
+    A, n = df.softmax_attention(X, W, W), len(labels)
+    nu = same.sum(1).double()
+    m = (A * same).sum(1)
+    assert (m >= nu * math.exp(rho) / (nu * math.exp(rho) + n - nu) - 1e-12).all()  # claim 3
+    assert (A[~same] <= (1 / (nu[:, None] * math.exp(rho) + n - nu[:, None])).expand(n, n)[~same] + 1e-12).all()
+
+
+def test_theorem1_exact_fusion_form_and_limit():
+    X, labels, Fm = df.union_of_subspaces(SIZES, dim=20, sub_dim=3)
+    X = X / (X @ Fm).sum(1, keepdim=True)  # scale so that f_k(x_i) = 1 on every class
+    same = (labels[:, None] == labels[None, :]).double()
+    target = same / same.sum(1, keepdim=True)  # D^{-1} S
+    errors = [(df.softmax_attention(X, math.sqrt(b) * Fm, math.sqrt(b) * Fm) - target).abs().max() for b in (5, 20, 40)]
+    assert errors[0] > errors[1] > errors[2] and errors[2] < 1e-12
+
+
+def test_theorem1_margin_is_needed():
+    """x and -x in one class: s(x, x) = -s(x, -x) for every bilinear logit, so no weights can
+    make both same-class logits large."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(1, 6, generator=g, dtype=torch.float64)
+    for _ in range(20):
+        WQ, WK = torch.randn(6, 6, generator=g, dtype=torch.float64), torch.randn(6, 6, generator=g, dtype=torch.float64)
+        s = lambda a, b: float((a @ WQ) @ (b @ WK).T)  # noqa: E731
+        assert s(x, x) == pytest.approx(-s(x, -x))
+        assert min(s(x, x), s(x, -x)) <= 0
+
+
+def test_theorem2_contraction_per_layer():
+    X, labels, Fm = df.union_of_subspaces(SIZES, dim=20, sub_dim=3, gamma=1.0)
+    W = math.sqrt(3.0) * Fm
+    same = labels[:, None] == labels[None, :]
+    nu = same.sum(1, keepdim=True).double()
+    D0 = bound = df.class_diameters(X, labels)
+    for _ in range(6):
+        A = df.softmax_attention(X, W, W)
+        eps = (1 - (A * same).sum(1)).max()
+        alpha = (A * nu)[same].min().clamp(max=1)
+        R = X.norm(dim=1).max()
+        Y = A @ X  # identity values, no residual
+        assert (df.class_diameters(Y, labels) <= (1 - alpha) * df.class_diameters(X, labels) + 5 * eps * R + 1e-9).all()
+        bound = (1 - alpha) * bound + 5 * eps * R  # the bound unrolled over layers
+        X = Y
+    assert (df.class_diameters(X, labels) <= bound + 1e-9).all()
+    assert (df.class_diameters(X, labels) < 0.05 * D0).all()  # each class fused...
+    means = torch.stack([X[labels == k].mean(0) for k in range(len(SIZES))])
+    assert torch.pdist(means).min() > 0.1  # ...without merging classes
+
+
+# ---- Augmentation ----------------------------------------------------------------------
+
+MS = ((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+
+
+def views(x, seed=0):
+    """Augment and undo the normalisation: values back in [0, 1]."""
+    v = df.augment(x, torch.Generator().manual_seed(seed), *MS)
+    return v * 0.25 + 0.5
+
+
+def test_augment_shapes_dtype_range_and_seed():
+    x, _ = df.synthetic_dataset(64, 0)
+    v = views(x)
+    assert v.shape == (64, 3, 32, 32) and v.dtype == torch.float32
+    assert v.min() >= -1e-5 and v.max() <= 1 + 1e-5
+    assert torch.equal(views(x, 3), views(x, 3))
+    assert not torch.allclose(views(x, 3), views(x, 4))
+    assert df.augment(x, torch.Generator().manual_seed(0), *MS, size=16).shape == (64, 3, 16, 16)
+
+
+def test_crop_boxes_respect_scale_and_ratio():
+    w, h, cx, cy = df.crop_boxes(20000, torch.Generator().manual_seed(0), "cpu")
+    area = w * h
+    assert area.min() >= df.CROP_SCALE[0] - 1e-6 and area.max() <= df.CROP_SCALE[1] + 1e-6
+    ratio = w / h
+    assert ratio.min() >= df.CROP_RATIO[0] - 1e-5 and ratio.max() <= df.CROP_RATIO[1] + 1e-5
+    assert ((cx - w).min() >= -1 - 1e-6) and ((cx + w).max() <= 1 + 1e-6)  # box inside the image
+    assert ((cy - h).min() >= -1 - 1e-6) and ((cy + h).max() <= 1 + 1e-6)
+    # Same distribution as torchvision's sampler (rejection makes it lean to small crops).
+    from torchvision.transforms import RandomResizedCrop
+
+    torch.manual_seed(0)
+    tv = torch.tensor([RandomResizedCrop.get_params(torch.empty(1, 500, 500), list(df.CROP_SCALE), list(df.CROP_RATIO))
+                       for _ in range(4000)], dtype=torch.float64)
+    tv_area = tv[:, 2] * tv[:, 3] / 500**2
+    assert area.mean().item() == pytest.approx(tv_area.mean().item(), abs=0.015)
+    assert area.std().item() == pytest.approx(tv_area.std().item(), abs=0.015)
+
+
+def test_augment_probabilities():
+    n = 4000
+    # Flip: a grey left-to-right ramp stays a ramp; its direction says whether it was flipped.
+    ramp = torch.linspace(0, 255, 32).round().to(torch.uint8).expand(n, 3, 32, 32).contiguous()
+    v = views(ramp)
+    flipped = (v[..., :8].mean((1, 2, 3)) > v[..., -8:].mean((1, 2, 3))).float().mean().item()
+    assert flipped == pytest.approx(0.5, abs=0.03)
+    # Jitter: a flat mid-grey image changes value only under brightness, i.e. when jitter is on.
+    grey = torch.full((n, 3, 32, 32), 128, dtype=torch.uint8)
+    jittered = ((views(grey) - 128 / 255).abs().amax((1, 2, 3)) > 1e-3).float().mean().item()
+    assert jittered == pytest.approx(df.P_JITTER, abs=0.03)
+    # Grayscale: a saturated red image keeps unequal channels unless it is made grey.
+    red = torch.zeros(n, 3, 32, 32, dtype=torch.uint8)
+    red[:, 0] = 200
+    gray = (views(red).std(1).amax((1, 2)) < 1e-4).float().mean().item()
+    assert gray == pytest.approx(df.P_GRAY, abs=0.03)
+
+
+def test_per_image_pipeline_matches_batched_shapes():
+    x, _ = df.synthetic_dataset(4, 0)
+    t = df.per_image_transform(*MS, 32)
+    v = t(x[0])
+    assert v.shape == (3, 32, 32) and v.dtype == torch.float32
+
+
+# ---- Training end to end ---------------------------------------------------------------
+
+
+def test_main_learns_on_synthetic(tmp_path, capsys):
+    r = df.main(["--synthetic-train", "1024", "--synthetic-test", "512", "--batch-size", "128", "--epochs", "8",
+                 "--linear-epochs", "20", "--device", "cpu", "--out-dir", str(tmp_path), "--run-name", "learn"])
+    out = capsys.readouterr().out
+    assert "img/s" in out and "eta" in out
+    run = tmp_path / "learn"
+    for name in ("config.json", "metrics.jsonl", "results.json", "checkpoint.pt", "attention.pt"):
+        assert (run / name).exists(), name
+    history = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    losses = [row["loss"] for row in history[1:]]
+    assert losses[-1] < losses[0] - 0.3  # the loss falls
+    assert r["knn_acc"] > r["knn_acc_init"] + 0.10  # beats random-initialised features
+    assert r["knn_acc"] > 0.3  # chance is 0.1
+    assert len(r["fusion"]) == 4 and 0 < r["fusion_chance"] < 0.2
+    assert json.loads((run / "results.json").read_text()) == r
+    maps = torch.load(run / "attention.pt", weights_only=True)
+    assert maps["attn"].shape == (4, 4, 256, 256)
+    assert (maps["labels"].diff() >= 0).all()  # sorted by class
+
+
+def test_ffn_head_runs(tmp_path):
+    r = run_main(tmp_path, "--head", "ffn")
+    assert "fusion" not in r and 0 <= r["knn_acc"] <= 1
+
+
+def final_weights(run_dir):
+    ckpt = torch.load(run_dir / "checkpoint.pt", weights_only=True)
+    return {**{"f." + k: v for k, v in ckpt["f"].items()}, **{"g." + k: v for k, v in ckpt["g"].items()}}
+
+
+def assert_same_run(a, b):
+    wa, wb = final_weights(a), final_weights(b)
+    assert wa.keys() == wb.keys()
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    ra, rb = (json.loads((d / "results.json").read_text()) for d in (a, b))
+    for key in ("train_time_s", "peak_memory_mb"):
+        ra.pop(key), rb.pop(key)
+    assert ra == rb
+    strip = lambda d: [{k: v for k, v in r.items() if k != "time_s"} for r in map(json.loads, (d / "metrics.jsonl").read_text().splitlines())]  # noqa: E731
+    assert strip(a) == strip(b)
+
+
+def test_ctrl_c_saves_and_resume_reproduces_the_run(tmp_path, capsys, monkeypatch):
+    run_main(tmp_path, name="whole")
+    real_step, calls = df.train_step, []
+
+    def interrupted(*args):
+        calls.append(1)
+        if len(calls) == 13:  # mid-epoch 2 (8 steps per epoch)
+            raise KeyboardInterrupt
+        return real_step(*args)
+
+    monkeypatch.setattr(df, "train_step", interrupted)
+    ckpt = tmp_path / "cut" / "checkpoint.pt"
+    expect_error(capsys, [*TINY, "--out-dir", str(tmp_path), "--run-name", "cut"], "interrupted at epoch 2 step 4",
+                 f"--resume {ckpt}", code=130)
+    monkeypatch.setattr(df, "train_step", real_step)
+    df.main(["--resume", str(ckpt)])
+    assert_same_run(tmp_path / "whole", tmp_path / "cut")
+
+
+def test_sigkill_leaves_a_readable_checkpoint_and_resume_matches(tmp_path):
+    args = [*TINY, "--epochs", "6", "--out-dir", str(tmp_path), "--run-name", "killed"]
+    ckpt = tmp_path / "killed" / "checkpoint.pt"
+    proc = subprocess.Popen([sys.executable, "-c", f"import deep_fusion; deep_fusion.main({args!r})"], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not ckpt.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    time.sleep(0.3)  # land somewhere in a later epoch, often inside a checkpoint write
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert ckpt.exists()
+    assert torch.load(ckpt, weights_only=True)["format"] == "deep-fusion/1"
+    df.main(["--resume", str(ckpt)])
+    run_main(tmp_path, "--epochs", "6", name="whole")
+    assert_same_run(tmp_path / "whole", tmp_path / "killed")
+
+
+def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+    path = tmp_path / "checkpoint.pt"
+    df.save_checkpoint(path, {"format": "deep-fusion/1", "w": torch.ones(3)})
+    real_save = torch.save
+
+    def dies_halfway(obj, fh):
+        fh.write(b"PK\x03\x04 half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", dies_halfway)
+    with pytest.raises(OSError):
+        df.save_checkpoint(path, {"format": "deep-fusion/1", "w": torch.zeros(3)})
+    monkeypatch.setattr(torch, "save", real_save)
+    assert torch.equal(df.load_checkpoint(path)["w"], torch.ones(3))  # the old one, intact
+
+
+def test_nan_loss_stops_with_step_and_keeps_checkpoint(tmp_path, capsys, monkeypatch):
+    real, calls = df.nt_xent, []
+
+    def poisoned(z1, z2, tau):
+        calls.append(1)
+        loss = real(z1, z2, tau)
+        return loss * float("nan") if len(calls) == 11 else loss  # step 10, epoch 2
+
+    monkeypatch.setattr(df, "nt_xent", poisoned)
+    expect_error(capsys, [*TINY, "--out-dir", str(tmp_path), "--run-name", "nan"], "NaN/inf at step 10",
+                 "epoch 2", "--lr", code=1)
+    ckpt = df.load_checkpoint(tmp_path / "nan" / "checkpoint.pt")
+    assert ckpt["epoch"] == 1 and all(torch.isfinite(v).all() for v in ckpt["f"].values() if v.is_floating_point())
+
+
+# ---- Bad input: one line, exit 2, nothing written --------------------------------------
+
+
+@pytest.mark.parametrize("argv,fragments", [
+    (["--dataset", "cifar"], ["--dataset", "did you mean cifar10"]),
+    (["--head", "mlp"], ["--head", "invalid choice"]),
+    (["--arch", "resnet19"], ["--arch", "did you mean resnet18"]),
+    (["--device", "tpu"], ["--device"]),
+    (["--datset", "cifar10"], ["--datset", "did you mean --dataset"]),
+    (["--epochs", "0"], ["--epochs 0", "positive"]),
+    (["--epochs", "ten"], ["--epochs", "invalid int"]),
+    (["--batch-size", "1"], ["--batch-size 1", "2 or more"]),
+    (["--batch-size", "-4"], ["--batch-size -4", "positive"]),
+    (["--tau", "0"], ["--tau 0", "positive"]),
+    (["--tau", "-0.5"], ["--tau -0.5", "positive"]),
+    (["--lr", "0"], ["--lr 0", "positive"]),
+    (["--knn-k", "5000"], ["--knn-k 5000", "--knn-k 2048 or less"]),
+    (["--batch-size", "4096"], ["--batch-size 4096", "2048 training images"]),
+    (["--head-dim", "30", "--head-heads", "4"], ["--head-dim 30", "--head-heads 4"]),
+])
+def test_bad_arguments(tmp_path, capsys, argv, fragments):
+    expect_error(capsys, [*argv, "--out-dir", str(tmp_path / "out")], *fragments)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_cuda_requested_without_cuda(capsys):
+    expect_error(capsys, ["--device", "cuda"], "--device cuda", "--device cpu")
+
+
+def make_imagefolder(root, classes=("a", "b"), val_classes=None, per_class=6):
+    from PIL import Image
+
+    for split, names in (("train", classes), ("val", val_classes or classes)):
+        for k, c in enumerate(names):
+            (root / split / c).mkdir(parents=True)
+            for i in range(per_class):
+                Image.new("RGB", (20, 20), (40 * k, 10 * i, 100)).save(root / split / c / f"{i}.png")
+    return root
+
+
+def test_imagefolder_trains(tmp_path):
+    root = make_imagefolder(tmp_path / "data")
+    r = df.main(["--dataset", "imagefolder", "--data-dir", str(root), "--image-size", "16", "--arch", "tiny",
+                 "--batch-size", "4", "--epochs", "1", "--head-dim", "16", "--head-depth", "1", "--head-heads", "2",
+                 "--head-out", "8", "--knn-k", "3", "--attn-batch", "4", "--linear-epochs", "2", "--device", "cpu",
+                 "--out-dir", str(tmp_path / "runs"), "--run-name", "folder"])
+    assert 0 <= r["knn_acc"] <= 1 and len(r["fusion"]) == 1
+
+
+@pytest.mark.parametrize("case,fragment", [
+    ("missing", "no such folder"),
+    ("no_classes", "has no class folders"),
+    ("differ", "class folders differ"),
+    ("one_class", "at least 2 classes"),
+    ("corrupt", "cannot read image"),
+])
+def test_imagefolder_errors(tmp_path, capsys, case, fragment):
+    root = tmp_path / "data"
+    if case == "no_classes":
+        (root / "train").mkdir(parents=True), (root / "val").mkdir()
+    elif case == "differ":
+        make_imagefolder(root, val_classes=("a", "c"))
+    elif case == "one_class":
+        make_imagefolder(root, classes=("a",))
+    elif case == "corrupt":
+        make_imagefolder(root)
+        (root / "train" / "b" / "3.png").write_bytes(b"not a png")
+    err = expect_error(capsys, ["--dataset", "imagefolder", "--data-dir", str(root), "--batch-size", "2",
+                                "--knn-k", "2", "--out-dir", str(tmp_path / "out")], fragment)
+    if case == "corrupt":
+        assert str(root / "train" / "b" / "3.png") in err
+    else:
+        assert "--data-dir" in err and not (tmp_path / "out").exists()
+
+
+# ---- Bad checkpoints -------------------------------------------------------------------
+
+
+class Payload:
+    """Unpickling this creates a file: a stand-in for arbitrary code in a crafted checkpoint."""
+
+    def __init__(self, target):
+        self.target = target
+
+    def __reduce__(self):
+        return (open, (self.target, "w"))
+
+
+def test_malicious_checkpoint_is_refused(tmp_path, capsys):
+    target = tmp_path / "pwned"
+    path = tmp_path / "evil.pt"
+    torch.save({"format": "deep-fusion/1", "x": Payload(str(target))}, path)
+    expect_error(capsys, ["--resume", str(path)], "--resume", "refused")
+    assert not target.exists()
+    torch.load(path, weights_only=False)  # what weights_only=True prevents
+    assert target.exists()
+
+
+def test_bad_checkpoints(tmp_path, capsys):
+    run_main(tmp_path, "--epochs", "1", name="ok")
+    good = tmp_path / "ok" / "checkpoint.pt"
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    expect_error(capsys, ["--resume", str(truncated)], "--resume", "truncated")
+    expect_error(capsys, ["--resume", str(tmp_path / "nope.pt")], "--resume", "no such file")
+    notes = tmp_path / "notes.pt"
+    notes.write_text("hello")
+    expect_error(capsys, ["--resume", str(notes)], "--resume", "not a readable checkpoint")
+    other = tmp_path / "other.pt"
+    torch.save({"weights": torch.ones(2)}, other)
+    expect_error(capsys, ["--resume", str(other)], "not a deep_fusion.py checkpoint")
+    expect_error(capsys, ["--resume", str(good), "--tau", "0.3"], "another config", "--tau 0.3")
+
+
+# ---- Benchmark and CUDA ----------------------------------------------------------------
+
+
+def test_benchmark_cpu(tmp_path, capsys):
+    r = df.main(["--benchmark", "--device", "cpu", "--batch-size", "64", "--bench-steps", "2",
+                 "--out-dir", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "augmentation speed-up:" in out
+    assert r["aug_speedup"] == pytest.approx(r["aug_batched_img_s"] / r["aug_per_image_img_s"])
+    assert 0 < r["transformer_head_share"] < 1.5 and r["step_img_s_ffn"] > 0 and r["peak_memory_mb"] > 0
+    assert json.loads((tmp_path / "benchmark-cpu.json").read_text()) == r
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_bf16_training(tmp_path):
+    r = df.main([*TINY, "--device", "cuda", "--out-dir", str(tmp_path), "--run-name", "cuda"])
+    assert r["device"].startswith("cuda") and math.isfinite(r["final_loss"])
+
+
+# ---- The notebook ----------------------------------------------------------------------
+
+
+@pytest.mark.skipif(os.environ.get("SKIP_NOTEBOOK") == "1", reason="SKIP_NOTEBOOK=1")
+def test_notebook_runs_top_to_bottom(tmp_path):
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    nb = nbformat.read(ROOT / "tutorial.ipynb", as_version=4)
+    nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
+                            resources={"metadata": {"path": str(ROOT)}}).execute()
+    assert any(o.get("output_type") == "display_data" for c in nb.cells for o in c.get("outputs", []))
+
