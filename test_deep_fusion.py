@@ -20,9 +20,10 @@ import deep_fusion as df
 
 ROOT = Path(__file__).parent
 # A tiny synthetic run: seconds on a 2-core CPU.
-TINY = ["--synthetic-train", "512", "--synthetic-test", "256", "--batch-size", "64", "--epochs", "3",
-        "--head-dim", "32", "--head-depth", "2", "--head-heads", "2", "--head-out", "32", "--linear-epochs", "5",
-        "--knn-k", "20", "--attn-batch", "32", "--log-every", "4", "--eval-every", "0", "--device", "cpu"]
+TINY = (
+    "--synthetic-train 512 --synthetic-test 256 --batch-size 64 --epochs 3 --head-dim 32 --head-depth 2 --head-heads 2"
+    " --head-out 32 --linear-epochs 5 --knn-k 20 --attn-batch 32 --log-every 4 --eval-every 0 --device cpu"
+).split()
 
 
 def run_main(tmp_path, *extra, name="run"):
@@ -215,10 +216,13 @@ def test_theorem1_margin_is_needed():
     g = torch.Generator().manual_seed(1)
     x = torch.randn(1, 6, generator=g, dtype=torch.float64)
     for _ in range(20):
-        WQ, WK = torch.randn(6, 6, generator=g, dtype=torch.float64), torch.randn(6, 6, generator=g, dtype=torch.float64)
-        s = lambda a, b: float((a @ WQ) @ (b @ WK).T)  # noqa: E731
-        assert s(x, x) == pytest.approx(-s(x, -x))
-        assert min(s(x, x), s(x, -x)) <= 0
+        WQ, WK = (
+            torch.randn(6, 6, generator=g, dtype=torch.float64),
+            torch.randn(6, 6, generator=g, dtype=torch.float64),
+        )
+        s_same, s_neg = float((x @ WQ) @ (x @ WK).T), float((x @ WQ) @ (-x @ WK).T)
+        assert s_same == pytest.approx(-s_neg)
+        assert min(s_same, s_neg) <= 0
 
 
 def test_theorem2_contraction_per_layer():
@@ -275,8 +279,13 @@ def test_crop_boxes_respect_scale_and_ratio():
     from torchvision.transforms import RandomResizedCrop
 
     torch.manual_seed(0)
-    tv = torch.tensor([RandomResizedCrop.get_params(torch.empty(1, 500, 500), list(df.CROP_SCALE), list(df.CROP_RATIO))
-                       for _ in range(4000)], dtype=torch.float64)
+    tv = torch.tensor(
+        [
+            RandomResizedCrop.get_params(torch.empty(1, 500, 500), list(df.CROP_SCALE), list(df.CROP_RATIO))
+            for _ in range(4000)
+        ],
+        dtype=torch.float64,
+    )
     tv_area = tv[:, 2] * tv[:, 3] / 500**2
     assert area.mean().item() == pytest.approx(tv_area.mean().item(), abs=0.015)
     assert area.std().item() == pytest.approx(tv_area.std().item(), abs=0.015)
@@ -311,8 +320,8 @@ def test_per_image_pipeline_matches_batched_shapes():
 
 
 def test_main_learns_on_synthetic(tmp_path, capsys):
-    r = df.main(["--synthetic-train", "1024", "--synthetic-test", "512", "--batch-size", "128", "--epochs", "8",
-                 "--linear-epochs", "20", "--device", "cpu", "--out-dir", str(tmp_path), "--run-name", "learn"])
+    argv = "--synthetic-train 1024 --synthetic-test 512 --batch-size 128 --epochs 8 --linear-epochs 20 --device cpu"
+    r = df.main([*argv.split(), "--out-dir", str(tmp_path), "--run-name", "learn"])
     out = capsys.readouterr().out
     assert "img/s" in out and "eta" in out
     run = tmp_path / "learn"
@@ -348,8 +357,10 @@ def assert_same_run(a, b):
     for key in ("train_time_s", "peak_memory_mb"):
         ra.pop(key), rb.pop(key)
     assert ra == rb
-    strip = lambda d: [{k: v for k, v in r.items() if k != "time_s"} for r in map(json.loads, (d / "metrics.jsonl").read_text().splitlines())]  # noqa: E731
-    assert strip(a) == strip(b)
+    rows = [[json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()] for d in (a, b)]
+    for row in rows[0] + rows[1]:
+        row.pop("time_s", None)
+    assert rows[0] == rows[1]
 
 
 def test_ctrl_c_saves_and_resume_reproduces_the_run(tmp_path, capsys, monkeypatch):
@@ -364,8 +375,13 @@ def test_ctrl_c_saves_and_resume_reproduces_the_run(tmp_path, capsys, monkeypatc
 
     monkeypatch.setattr(df, "train_step", interrupted)
     ckpt = tmp_path / "cut" / "checkpoint.pt"
-    expect_error(capsys, [*TINY, "--out-dir", str(tmp_path), "--run-name", "cut"], "interrupted at epoch 2 step 4",
-                 f"--resume {ckpt}", code=130)
+    expect_error(
+        capsys,
+        [*TINY, "--out-dir", str(tmp_path), "--run-name", "cut"],
+        "interrupted at epoch 2 step 4",
+        f"--resume {ckpt}",
+        code=130,
+    )
     monkeypatch.setattr(df, "train_step", real_step)
     df.main(["--resume", str(ckpt)])
     assert_same_run(tmp_path / "whole", tmp_path / "cut")
@@ -374,8 +390,12 @@ def test_ctrl_c_saves_and_resume_reproduces_the_run(tmp_path, capsys, monkeypatc
 def test_sigkill_leaves_a_readable_checkpoint_and_resume_matches(tmp_path):
     args = [*TINY, "--epochs", "6", "--out-dir", str(tmp_path), "--run-name", "killed"]
     ckpt = tmp_path / "killed" / "checkpoint.pt"
-    proc = subprocess.Popen([sys.executable, "-c", f"import deep_fusion; deep_fusion.main({args!r})"], cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", f"import deep_fusion; deep_fusion.main({args!r})"],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 120
     while not ckpt.exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.02)
@@ -414,8 +434,14 @@ def test_nan_loss_stops_with_step_and_keeps_checkpoint(tmp_path, capsys, monkeyp
         return loss * float("nan") if len(calls) == 11 else loss  # step 10, epoch 2
 
     monkeypatch.setattr(df, "nt_xent", poisoned)
-    expect_error(capsys, [*TINY, "--out-dir", str(tmp_path), "--run-name", "nan"], "NaN/inf at step 10",
-                 "epoch 2", "--lr", code=1)
+    expect_error(
+        capsys,
+        [*TINY, "--out-dir", str(tmp_path), "--run-name", "nan"],
+        "NaN/inf at step 10",
+        "epoch 2",
+        "--lr",
+        code=1,
+    )
     ckpt = df.load_checkpoint(tmp_path / "nan" / "checkpoint.pt")
     assert ckpt["epoch"] == 1 and all(torch.isfinite(v).all() for v in ckpt["f"].values() if v.is_floating_point())
 
@@ -423,23 +449,26 @@ def test_nan_loss_stops_with_step_and_keeps_checkpoint(tmp_path, capsys, monkeyp
 # ---- Bad input: one line, exit 2, nothing written --------------------------------------
 
 
-@pytest.mark.parametrize("argv,fragments", [
-    (["--dataset", "cifar"], ["--dataset", "did you mean cifar10"]),
-    (["--head", "mlp"], ["--head", "invalid choice"]),
-    (["--arch", "resnet19"], ["--arch", "did you mean resnet18"]),
-    (["--device", "tpu"], ["--device"]),
-    (["--datset", "cifar10"], ["--datset", "did you mean --dataset"]),
-    (["--epochs", "0"], ["--epochs 0", "positive"]),
-    (["--epochs", "ten"], ["--epochs", "invalid int"]),
-    (["--batch-size", "1"], ["--batch-size 1", "2 or more"]),
-    (["--batch-size", "-4"], ["--batch-size -4", "positive"]),
-    (["--tau", "0"], ["--tau 0", "positive"]),
-    (["--tau", "-0.5"], ["--tau -0.5", "positive"]),
-    (["--lr", "0"], ["--lr 0", "positive"]),
-    (["--knn-k", "5000"], ["--knn-k 5000", "--knn-k 2048 or less"]),
-    (["--batch-size", "4096"], ["--batch-size 4096", "2048 training images"]),
-    (["--head-dim", "30", "--head-heads", "4"], ["--head-dim 30", "--head-heads 4"]),
-])
+@pytest.mark.parametrize(
+    "argv,fragments",
+    [
+        (["--dataset", "cifar"], ["--dataset", "did you mean cifar10"]),
+        (["--head", "mlp"], ["--head", "invalid choice"]),
+        (["--arch", "resnet19"], ["--arch", "did you mean resnet18"]),
+        (["--device", "tpu"], ["--device"]),
+        (["--datset", "cifar10"], ["--datset", "did you mean --dataset"]),
+        (["--epochs", "0"], ["--epochs 0", "positive"]),
+        (["--epochs", "ten"], ["--epochs", "invalid int"]),
+        (["--batch-size", "1"], ["--batch-size 1", "2 or more"]),
+        (["--batch-size", "-4"], ["--batch-size -4", "positive"]),
+        (["--tau", "0"], ["--tau 0", "positive"]),
+        (["--tau", "-0.5"], ["--tau -0.5", "positive"]),
+        (["--lr", "0"], ["--lr 0", "positive"]),
+        (["--knn-k", "5000"], ["--knn-k 5000", "--knn-k 2048 or less"]),
+        (["--batch-size", "4096"], ["--batch-size 4096", "2048 training images"]),
+        (["--head-dim", "30", "--head-heads", "4"], ["--head-dim 30", "--head-heads 4"]),
+    ],
+)
 def test_bad_arguments(tmp_path, capsys, argv, fragments):
     expect_error(capsys, [*argv, "--out-dir", str(tmp_path / "out")], *fragments)
     assert not (tmp_path / "out").exists()
@@ -463,20 +492,22 @@ def make_imagefolder(root, classes=("a", "b"), val_classes=None, per_class=6):
 
 def test_imagefolder_trains(tmp_path):
     root = make_imagefolder(tmp_path / "data")
-    r = df.main(["--dataset", "imagefolder", "--data-dir", str(root), "--image-size", "16", "--arch", "tiny",
-                 "--batch-size", "4", "--epochs", "1", "--head-dim", "16", "--head-depth", "1", "--head-heads", "2",
-                 "--head-out", "8", "--knn-k", "3", "--attn-batch", "4", "--linear-epochs", "2", "--device", "cpu",
-                 "--out-dir", str(tmp_path / "runs"), "--run-name", "folder"])
+    argv = "--dataset imagefolder --image-size 16 --arch tiny --batch-size 4 --epochs 1 --head-dim 16 --head-depth 1"
+    argv += " --head-heads 2 --head-out 8 --knn-k 3 --attn-batch 4 --linear-epochs 2 --device cpu --run-name folder"
+    r = df.main([*argv.split(), "--data-dir", str(root), "--out-dir", str(tmp_path / "runs")])
     assert 0 <= r["knn_acc"] <= 1 and len(r["fusion"]) == 1
 
 
-@pytest.mark.parametrize("case,fragment", [
-    ("missing", "no such folder"),
-    ("no_classes", "has no class folders"),
-    ("differ", "class folders differ"),
-    ("one_class", "at least 2 classes"),
-    ("corrupt", "cannot read image"),
-])
+@pytest.mark.parametrize(
+    "case,fragment",
+    [
+        ("missing", "no such folder"),
+        ("no_classes", "has no class folders"),
+        ("differ", "class folders differ"),
+        ("one_class", "at least 2 classes"),
+        ("corrupt", "cannot read image"),
+    ],
+)
 def test_imagefolder_errors(tmp_path, capsys, case, fragment):
     root = tmp_path / "data"
     if case == "no_classes":
@@ -488,8 +519,8 @@ def test_imagefolder_errors(tmp_path, capsys, case, fragment):
     elif case == "corrupt":
         make_imagefolder(root)
         (root / "train" / "b" / "3.png").write_bytes(b"not a png")
-    err = expect_error(capsys, ["--dataset", "imagefolder", "--data-dir", str(root), "--batch-size", "2",
-                                "--knn-k", "2", "--out-dir", str(tmp_path / "out")], fragment)
+    argv = ["--dataset", "imagefolder", "--data-dir", str(root), "--batch-size", "2", "--knn-k", "2"]
+    err = expect_error(capsys, [*argv, "--out-dir", str(tmp_path / "out")], fragment)
     if case == "corrupt":
         assert str(root / "train" / "b" / "3.png") in err
     else:
@@ -539,8 +570,9 @@ def test_bad_checkpoints(tmp_path, capsys):
 
 
 def test_benchmark_cpu(tmp_path, capsys):
-    r = df.main(["--benchmark", "--device", "cpu", "--batch-size", "64", "--bench-steps", "2",
-                 "--out-dir", str(tmp_path)])
+    r = df.main(
+        ["--benchmark", "--device", "cpu", "--batch-size", "64", "--bench-steps", "2", "--out-dir", str(tmp_path)]
+    )
     out = capsys.readouterr().out
     assert "augmentation speed-up:" in out
     assert r["aug_speedup"] == pytest.approx(r["aug_batched_img_s"] / r["aug_per_image_img_s"])
@@ -562,7 +594,7 @@ def test_notebook_runs_top_to_bottom(tmp_path):
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")
     nb = nbformat.read(ROOT / "tutorial.ipynb", as_version=4)
-    nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
-                            resources={"metadata": {"path": str(ROOT)}}).execute()
+    nbclient.NotebookClient(
+        nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}}
+    ).execute()
     assert any(o.get("output_type") == "display_data" for c in nb.cells for o in c.get("outputs", []))
-
