@@ -344,6 +344,13 @@ def test_ffn_head_runs(tmp_path):
     assert "fusion" not in r and 0 <= r["knn_acc"] <= 1
 
 
+def test_per_image_cpu_pipeline_trains(tmp_path):
+    r = run_main(tmp_path, "--aug", "cpu", "--workers", "0", "--epochs", "2")
+    history = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len(history) == 3 and all(math.isfinite(row["loss"]) for row in history[1:])
+    assert 0 <= r["knn_acc"] <= 1
+
+
 def final_weights(run_dir):
     ckpt = torch.load(run_dir / "checkpoint.pt", weights_only=True)
     return {**{"f." + k: v for k, v in ckpt["f"].items()}, **{"g." + k: v for k, v in ckpt["g"].items()}}
