@@ -88,7 +88,15 @@ def test_nt_xent_gradcheck():
     assert torch.autograd.gradcheck(lambda a, b: df.nt_xent(a, b, 0.5), (z1, z2))
 
 
-# ---- Heads -----------------------------------------------------------------------------
+# ---- Backbones and heads -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch,D", [("tiny", 256), ("resnet18", 512), ("resnet50", 2048)])
+def test_backbones_cifar_stem_and_feature_size(arch, D):
+    f, dim = df.make_backbone(arch, 32)
+    assert dim == D and f.eval()(torch.randn(2, 3, 32, 32)).shape == (2, D)
+    if arch != "tiny":  # CIFAR stem: 3x3 stride-1 conv, no max-pool, so 32 px keeps 4x4 maps at the end
+        assert f.conv1.kernel_size == (3, 3) and f.conv1.stride == (1, 1) and isinstance(f.maxpool, torch.nn.Identity)
 
 
 @pytest.mark.parametrize("depth", [2, 4])
