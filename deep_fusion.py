@@ -71,7 +71,7 @@ class Config:
     weight_decay: float = arg(5e-4, "SGD weight decay (authors' code, SimCLR CIFAR recipe)")
     momentum: float = arg(0.9, "SGD momentum (authors' code)")
     tau: float = arg(0.5, "NT-Xent temperature (SimCLR CIFAR recipe; authors' code: 0.02)")
-    warmup_epochs: int | None = arg(None, "linear warmup epochs before the cosine decay")
+    warmup_epochs: int | None = arg(None, "linear warmup epochs before the cosine decay, at most 10%% of the run")
     precision: str = arg("auto", "auto: bf16 on CUDA (fp16 without bf16), else fp32", ("auto", "bf16", "fp16", "fp32"))
     device: str = arg("auto", "auto: cuda, then mps, then cpu", ("auto", "cuda", "mps", "cpu"))
     compile: bool = arg(False, "torch.compile the backbone and the head")
@@ -94,9 +94,23 @@ class Config:
 
 
 # Per-dataset defaults: a CPU-sized run on synthetic data; elsewhere the established CIFAR
-# SimCLR recipe (ResNet-18, batch 512, 10 warmup epochs, 200 epochs) and the authors' head.
-PRESET_FIELDS = "arch head_dim head_depth head_heads head_out epochs batch_size warmup_epochs eval_every".split()
-PRESETS = {"small": ("tiny", 128, 4, 4, 128, 15, 128, 1, 5), "full": ("resnet18", 256, 10, 16, 512, 200, 512, 10, 10)}
+# SimCLR recipe (ResNet-18, batch 512, 10 warmup epochs, 200 epochs).
+PRESETS = {
+    "small": dict(arch="tiny", epochs=15, batch_size=128, warmup_epochs=1, eval_every=5),
+    "full": dict(arch="resnet18", epochs=200, batch_size=512, warmup_epochs=10, eval_every=10),
+}
+# Per-head defaults. Transformer: the authors' head (d 256, L 10, 16 heads, out 512), narrower
+# on CPUs. FFN: SimCLR's head, Linear(D, D)-BN-ReLU-Linear(D, 128) (Chen et al. 2020, Sec. 2 and
+# B.9; lightly's CIFAR benchmark), hidden width = the backbone's D; --head-depth 10 is the
+# authors' depth-matched MLP.
+HEAD_PRESETS = {
+    ("transformer", "small"): dict(head_dim=128, head_depth=4, head_heads=4, head_out=128),
+    ("transformer", "full"): dict(head_dim=256, head_depth=10, head_heads=16, head_out=512),
+    ("ffn", "small"): dict(head_dim=None, head_depth=2, head_heads=1, head_out=128),
+    ("ffn", "full"): dict(head_dim=None, head_depth=2, head_heads=1, head_out=128),
+}
+HEAD_FIELDS = ("head_dim", "head_depth", "head_heads", "head_out")
+FEATURE_DIM = {"tiny": 256, "resnet18": 512, "resnet34": 512, "resnet50": 2048}  # D of each backbone f
 # Fields that do not change the training maths: a resumed run may set them anew.
 RUNTIME_ONLY = set("resume device compile workers log_every out_dir run_name benchmark bench_steps".split())
 
@@ -132,10 +146,12 @@ def build_parser():
 
 
 def resolve(cfg: Config) -> Config:
-    """Fill the None fields from the dataset's preset."""
-    preset = dict(zip(PRESET_FIELDS, PRESETS["small" if cfg.dataset == "synthetic" else "full"]))
+    """Fill the None fields from the dataset's and the head's presets."""
+    size = "small" if cfg.dataset == "synthetic" else "full"
+    preset = {**PRESETS[size], **HEAD_PRESETS[cfg.head, size]}
     preset["batch_size"] = 512 if cfg.benchmark else preset["batch_size"]  # the benchmark's batch: 512 everywhere
-    return dataclasses.replace(cfg, **{k: v for k, v in preset.items() if getattr(cfg, k) is None})
+    cfg = dataclasses.replace(cfg, **{k: v for k, v in preset.items() if getattr(cfg, k) is None})
+    return dataclasses.replace(cfg, head_dim=cfg.head_dim or FEATURE_DIM[cfg.arch])  # FFN hidden width = D
 
 
 def parse_args(argv=None) -> Config:
@@ -481,6 +497,11 @@ def autocast_for(device, precision):
     ), precision == "fp16"
 
 
+def warmup_steps(cfg, steps):
+    """Warmup steps: --warmup-epochs, capped at 10% of the run, so a short run also decays."""
+    return min(cfg.warmup_epochs * steps, cfg.epochs * steps // 10)
+
+
 def lr_at(step, total, warmup, base):
     """Linear warmup, then cosine decay to 0 (SimCLR), per step."""
     if step < warmup:
@@ -581,9 +602,28 @@ def check_finite(first_bad, epoch, ckpt_path):
         raise DeepFusionError(f"loss became NaN/inf at step {bad} (epoch {epoch + 1}); {keep}; likely {cause}", code=1)
 
 
+def check_collapse(row, knn_init, cfg, done, warmup, ckpt_path):
+    """Stop a collapsed run at the end of an epoch, before its checkpoint is written. Collapse:
+    after the warmup, the epoch loss sits at log(2N-1), its value when all 2N projections
+    coincide; or, after 50 steps too, the kNN monitor falls below the random-init backbone.
+    Earlier, healthy runs dip below it while eval-mode BatchNorm statistics lag (0.9^50 < 1%)."""
+    floor = math.log(2 * cfg.batch_size - 1)
+    if done >= warmup and abs(row["loss"] - floor) < 0.01:
+        why = f"loss {row['loss']:.4f} sits at log(2N-1) = {floor:.4f}: all projections coincide"
+    elif done >= max(50, warmup) and row.get("knn_acc", 1.0) < knn_init - 0.02:
+        why = f"backbone kNN {row['knn_acc']:.2%} fell below its random initialisation ({knn_init:.2%})"
+    else:
+        return
+    keep = f"the last good checkpoint is {ckpt_path}" if ckpt_path.exists() else "no checkpoint was written yet"
+    fix = "raise --tau (0.5 is the CIFAR recipe's) or lower --lr"
+    raise DeepFusionError(f"training collapsed at epoch {row['epoch']}: {why}; {keep}; {fix}", code=1)
+
+
 def train(cfg, run_dir, data, device, ckpt=None):
     """SimCLR training of f and g; checkpoints every epoch (and on Ctrl-C). Returns (f, g, history)."""
     mean, std = MEAN_STD[cfg.dataset]
+    if device.type == "cpu":  # denormal floats in a collapsing net's backward slow a CPU >15x
+        torch.set_flush_denormal(True)
     torch.manual_seed(cfg.seed)
     f, D = make_backbone(cfg.arch, data[0].shape[-1])
     f, g = f.to(device), make_head(cfg, D).to(device)
@@ -603,7 +643,8 @@ def train(cfg, run_dir, data, device, ckpt=None):
     gen = torch.Generator(device=device)
     x = data[0].to(device) if cfg.aug == "device" else data[0]  # the whole set, uint8, on the device
     steps = len(x) // cfg.batch_size
-    total, warmup, base_lr = cfg.epochs * steps, cfg.warmup_epochs * steps, cfg.lr * cfg.batch_size / 128
+    total, base_lr = cfg.epochs * steps, cfg.lr * cfg.batch_size / 128
+    warmup = warmup_steps(cfg, steps)
     ckpt_path, t0, done0 = run_dir / "checkpoint.pt", time.time(), epoch * steps + start
     ep_sum = torch.tensor(ep_sum, device=device)  # loss summed over this epoch's steps
 
@@ -648,6 +689,7 @@ def train(cfg, run_dir, data, device, ckpt=None):
         ep_sum = torch.zeros_like(ep_sum)
         if (cfg.eval_every and epoch % cfg.eval_every == 0) or epoch == cfg.epochs:
             row["knn_acc"] = evaluate_knn(cfg, f, data, device)
+        check_collapse(row, history[0]["knn_acc"], cfg, epoch * steps, warmup, ckpt_path)
         history.append(row)
         save_checkpoint(ckpt_path, state(epoch, 0, 0.0))  # before the metrics file, which never runs ahead
         (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in history))
@@ -715,6 +757,19 @@ def fusion_score(attn, labels, pair):
     return (A * same).sum(1).mean().item(), (same.sum(1).float() / n).mean().item()
 
 
+def balanced_sample(y, n, seed):
+    """n indices drawn at random (seeded), class-balanced where the data allow: round-robin over
+    the classes of a random permutation. Datasets on disk are often sorted by class, so a prefix
+    of them is one class and would make the fusion score meaningless."""
+    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
+    yp = y[perm]
+    order = torch.argsort(yp, stable=True)  # grouped by class, random within each class
+    first = torch.searchsorted(yp[order], yp[order])  # where each one's class starts
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(len(y)) - first  # 0 for a class's first draw, 1 for its second...
+    return perm[torch.argsort(rank, stable=True)[:n]]
+
+
 @torch.no_grad()
 def attention_maps(cfg, f, g, x, y, device):
     """Every layer's attention on a labeled batch of both views, tokens sorted by class.
@@ -722,7 +777,8 @@ def attention_maps(cfg, f, g, x, y, device):
     mean, std = MEAN_STD[cfg.dataset]
     f.eval(), g.eval()
     gen = torch.Generator(device=device).manual_seed(cfg.seed + 12345)
-    xb, yb = x[: cfg.attn_batch].to(device), y[: cfg.attn_batch]
+    idx = balanced_sample(y, cfg.attn_batch, cfg.seed)
+    xb, yb = x[idx].to(device), y[idx]
     _, attns = g(
         f(torch.cat([augment(xb, gen, mean, std), augment(xb, gen, mean, std)])).float(), return_attention=True
     )
@@ -818,7 +874,8 @@ def benchmark(cfg, data, device):
     for head in ("ffn", "transformer"):
         torch.manual_seed(cfg.seed)
         f, D = make_backbone(cfg.arch, x.shape[-1])
-        f, g = f.to(device), make_head(dataclasses.replace(cfg, head=head), D).to(device)
+        hcfg = cfg if head == cfg.head else resolve(dataclasses.replace(cfg, head=head, **dict.fromkeys(HEAD_FIELDS)))
+        f, g = f.to(device), make_head(hcfg, D).to(device)
         fc, gc = (torch.compile(f), torch.compile(g)) if cfg.compile else (f, g)
         opt, scaler = (
             torch.optim.SGD([*f.parameters(), *g.parameters()], lr=1e-3),

@@ -99,6 +99,19 @@ def test_backbones_cifar_stem_and_feature_size(arch, D):
         assert f.conv1.kernel_size == (3, 3) and f.conv1.stride == (1, 1) and isinstance(f.maxpool, torch.nn.Identity)
 
 
+@pytest.mark.parametrize("dataset", ["synthetic", "cifar10", "cifar100", "imagefolder"])
+def test_default_ffn_head_is_simclrs_two_layer_mlp(dataset):
+    cfg = df.parse_args(["--dataset", dataset, "--head", "ffn"])
+    D = df.make_backbone(cfg.arch)[1]
+    g = df.make_head(cfg, D)
+    linears = [m for m in g.modules() if isinstance(m, torch.nn.Linear)]
+    assert [(m.in_features, m.out_features) for m in linears] == [(D, D), (D, 128)]
+    deep = df.make_head(df.parse_args(["--dataset", dataset, "--head", "ffn", "--head-depth", "10"]), D)
+    assert sum(isinstance(m, torch.nn.Linear) for m in deep.modules()) == 10  # the authors' depth-matched MLP
+    tf = df.parse_args(["--dataset", dataset])
+    assert tf.head == "transformer" and tf.head_depth == (4 if dataset == "synthetic" else 10)
+
+
 @pytest.mark.parametrize("depth", [2, 4])
 def test_ffn_head_shape_and_depth(depth):
     g = df.FFNHead(12, 20, 7, depth)
@@ -461,6 +474,48 @@ def test_nan_loss_stops_with_step_and_keeps_checkpoint(tmp_path, capsys, monkeyp
     assert ckpt["epoch"] == 1 and all(torch.isfinite(v).all() for v in ckpt["f"].values() if v.is_floating_point())
 
 
+@pytest.mark.parametrize("epochs,warmup_epochs", [(10, 1), (200, 10), (1000, 10)])
+def test_warmup_is_capped_so_short_runs_decay(epochs, warmup_epochs):
+    cfg = df.parse_args(["--dataset", "cifar10", "--epochs", str(epochs)])
+    steps = 97  # 50,000 / 512
+    warmup, total = df.warmup_steps(cfg, steps), epochs * steps
+    assert warmup == warmup_epochs * steps
+    base = [df.lr_at(s, total, warmup, 1.0) for s in range(total)]
+    assert max(base) == pytest.approx(1.0, abs=1e-3) and base[-1] < 0.01  # peaks, then decays to ~0
+
+
+def test_collapse_stops_the_run_keeps_the_checkpoint_and_flushes_denormals(tmp_path, capsys):
+    torch.set_flush_denormal(False)
+    argv = "--tau 0.02 --synthetic-train 1024 --synthetic-test 256 --epochs 6 --linear-epochs 5 --eval-every 0"
+    err = expect_error(
+        capsys, [*argv.split(), "--out-dir", str(tmp_path), "--run-name", "c"], "collapsed at epoch 3", "--tau", code=1
+    )
+    assert "log(2N-1) = 5.5413" in err and "last good checkpoint" in err
+    assert df.load_checkpoint(tmp_path / "c" / "checkpoint.pt")["epoch"] == 2
+    assert torch.tensor([1e-323], dtype=torch.float64).item() == 0  # the CPU run flushed denormals
+
+
+@pytest.mark.parametrize(
+    "loss,knn,done,stops",
+    [
+        (5.5413, 0.5, 8, True),  # loss at log(2N-1) after warmup
+        (5.5413, 0.5, 4, False),  # ... but still in warmup
+        (18.0, 0.5, 8, False),  # a low-tau run starts far above log(2N-1): not collapse
+        (3.0, 0.20, 64, True),  # kNN below the random-init backbone after 50 steps
+        (3.0, 0.20, 48, False),  # ... but BN statistics may still lag
+        (3.0, 0.29, 64, False),  # within the 2-point margin
+    ],
+)
+def test_collapse_rule(tmp_path, loss, knn, done, stops):
+    cfg = df.parse_args(["--batch-size", "128"])
+    row = {"epoch": 3, "loss": loss, "knn_acc": knn}
+    if stops:
+        with pytest.raises(df.DeepFusionError, match="collapsed"):
+            df.check_collapse(row, 0.30, cfg, done, 6, tmp_path / "checkpoint.pt")
+    else:
+        df.check_collapse(row, 0.30, cfg, done, 6, tmp_path / "checkpoint.pt")
+
+
 # ---- Bad input: one line, exit 2, nothing written --------------------------------------
 
 
@@ -505,12 +560,29 @@ def make_imagefolder(root, classes=("a", "b"), val_classes=None, per_class=6):
     return root
 
 
-def test_imagefolder_trains(tmp_path):
+def test_imagefolder_trains_with_a_class_balanced_attention_batch(tmp_path):
+    """An image folder is read class by class; the attention batch must still mix classes."""
     root = make_imagefolder(tmp_path / "data")
     argv = "--dataset imagefolder --image-size 16 --arch tiny --batch-size 4 --epochs 1 --head-dim 16 --head-depth 1"
     argv += " --head-heads 2 --head-out 8 --knn-k 3 --attn-batch 4 --linear-epochs 2 --device cpu --run-name folder"
     r = df.main([*argv.split(), "--data-dir", str(root), "--out-dir", str(tmp_path / "runs")])
     assert 0 <= r["knn_acc"] <= 1 and len(r["fusion"]) == 1
+    # 2 + 2 images -> 8 tokens, nu = 4: chance (4 - 2) / 8. The first 4 images (one class) would give 0.75.
+    assert r["fusion_chance"] == pytest.approx(0.25)
+
+
+def test_balanced_sample_on_class_sorted_labels():
+    y = torch.arange(10).repeat_interleave(100)  # sorted by class, as an image folder lists it
+    idx = df.balanced_sample(y, 128, seed=0)
+    counts = torch.bincount(y[idx], minlength=10)
+    assert len(idx.unique()) == 128 and counts.min() == 12 and counts.max() == 13
+    assert torch.equal(idx, df.balanced_sample(y, 128, seed=0))  # the same on every run of a seed
+    assert not torch.equal(idx, df.balanced_sample(y, 128, seed=1))
+    labels, pair = paired_batch(counts.tolist())
+    chance = df.fusion_score(torch.full((256, 256), 1 / 256), labels, pair)[1]
+    assert chance == pytest.approx(0.1 - 2 / 256, abs=2e-3)  # (nu - 2) / n, not ~1
+    uneven = torch.cat([torch.zeros(90), torch.ones(10)]).long()  # a small class gives all it has
+    assert torch.bincount(uneven[df.balanced_sample(uneven, 30, seed=0)]).tolist() == [20, 10]
 
 
 @pytest.mark.parametrize(
