@@ -65,6 +65,13 @@ class Config:
     head_depth: int | None = arg(None, "Transformer blocks L (authors: 10), or FFN linear layers (SimCLR: 2)")
     head_heads: int | None = arg(None, "attention heads (authors: 16)")
     head_out: int | None = arg(None, "projection size (authors: 512)")
+    head_opt: str = arg("sgd", "optimizer of the head g: sgd (with f) or adamw (its own)", ("sgd", "adamw"))
+    head_lr: float = arg(1e-3, "peak AdamW learning rate of g with --head-opt adamw (not scaled by N)")
+    head_wd: float = arg(0.05, "AdamW weight decay of g's matrices with --head-opt adamw")
+    attn: str = arg(
+        "softmax", "ablations: identity = no mixing, uniform = batch mean", ("softmax", "identity", "uniform")
+    )
+    mask_partner: bool = arg(False, "the Transformer head may not attend to a token's other view")
     epochs: int | None = arg(None, "training epochs (paper: 1000)")
     batch_size: int | None = arg(None, "N images per step; the head sees 2N tokens (paper: 1024)")
     lr: float = arg(0.06, "SGD learning rate per 128 images, scaled by N/128 (SimCLR CIFAR recipe)")
@@ -159,8 +166,8 @@ def parse_args(argv=None) -> Config:
 
 
 POSITIVE = "epochs batch_size lr tau knn_k knn_t head_dim head_depth head_heads head_out image_size".split()
-POSITIVE += "synthetic_train synthetic_test attn_batch bench_steps log_every".split()
-NON_NEGATIVE = "weight_decay momentum warmup_epochs eval_every linear_epochs workers".split()
+POSITIVE += "synthetic_train synthetic_test attn_batch bench_steps log_every head_lr".split()
+NON_NEGATIVE = "head_wd weight_decay momentum warmup_epochs eval_every linear_epochs workers".split()
 
 
 def check_config(cfg: Config):
@@ -298,6 +305,15 @@ LUMA = torch.tensor([0.299, 0.587, 0.114])  # ITU-R 601, as torchvision's rgb_to
 YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
 
 
+@functools.cache
+def constants_on(device, mean, std):
+    """mean, std (3, 1, 1), LUMA (3, 1, 1), YIQ and its inverse (3, 3), moved to `device` once.
+    A copy from the host (or linalg.inv on CUDA) in every call would make the host wait for
+    the GPU twice per step; the inverse is taken here, on the CPU."""
+    consts = (torch.tensor(mean)[:, None, None], torch.tensor(std)[:, None, None], LUMA[:, None, None], YIQ)
+    return *(c.to(device) for c in consts), torch.linalg.inv(YIQ.double()).float().to(device)
+
+
 def crop_boxes(B, gen, device):
     """Random resized crop boxes (w, h, cx, cy), each (B,), in [-1, 1] image coordinates,
     w and h as fractions of the side. 10 tries per image as torchvision, else the whole image."""
@@ -329,7 +345,8 @@ def augment(x, gen, mean, std, size=None):
     # Colour jitter with p=0.8, in a fixed order: brightness, contrast, saturation, hue.
     on = (u(B) < P_JITTER).float()[:, None, None, None]  # (B, 1, 1, 1)
     b, c, s = (1 + on * j * (2 * u(B, 1, 1, 1) - 1) for j in JITTER[:3])
-    gray = lambda t: (t * LUMA.to(dev)[:, None, None]).sum(1, keepdim=True)  # noqa: E731  (B, 1, H, W)
+    mu, sd, luma, yiq, yiq_inv = constants_on(dev, tuple(mean), tuple(std))
+    gray = lambda t: (t * luma).sum(1, keepdim=True)  # noqa: E731  (B, 1, H, W)
     v = (v * b).clamp(0, 1)
     m = gray(v).mean((2, 3), keepdim=True)
     v = ((v - m) * c + m).clamp(0, 1)
@@ -339,10 +356,9 @@ def augment(x, gen, mean, std, size=None):
     a = 2 * math.pi * JITTER[3] * (2 * u(B) - 1) * on.view(B)
     rot = torch.zeros(B, 3, 3, device=dev)
     rot[:, 0, 0], rot[:, 1, 1], rot[:, 2, 2], rot[:, 1, 2], rot[:, 2, 1] = 1, a.cos(), a.cos(), -a.sin(), a.sin()
-    yiq = YIQ.to(dev)
-    v = torch.einsum("bij,bjhw->bihw", torch.linalg.inv(yiq) @ rot @ yiq, v).clamp(0, 1)
+    v = torch.einsum("bij,bjhw->bihw", yiq_inv @ rot @ yiq, v).clamp(0, 1)
     v = torch.where(u(B, 1, 1, 1) < P_GRAY, gray(v).expand_as(v), v)  # random grayscale
-    return (v - torch.tensor(mean, device=dev)[:, None, None]) / torch.tensor(std, device=dev)[:, None, None]
+    return (v - mu) / sd
 
 
 def per_image_transform(mean, std, size):
@@ -407,33 +423,47 @@ class FFNHead(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention over the n = 2N tokens of one batch: no mask, no positions."""
+    """Multi-head self-attention over the n = 2N tokens of one batch: no positions. `mode`
+    "identity" (each token sees only itself) and "uniform" (every token sees the batch mean)
+    fix A instead of computing it: the ablations that say what the mixing is worth."""
 
-    def __init__(self, dim, heads):
+    def __init__(self, dim, heads, mode="softmax"):
         super().__init__()
-        self.heads, self.qkv, self.proj = heads, nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.heads, self.mode = heads, mode
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x, return_attention=False):  # x (n, d)
+    def forward(self, x, mask=None, return_attention=False):  # x (n, d); mask (n, n), True = may attend
         n, d = x.shape
         q, k, v = self.qkv(x).view(n, 3, self.heads, d // self.heads).permute(1, 2, 0, 3)[:, None]  # (1, H, n, m)
-        if return_attention:  # explicit: A = softmax(Q K^T / sqrt(m)), rows sum to 1
-            A = torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(d // self.heads), dim=-1)  # (1, H, n, n)
-            y = A @ v
-        else:  # fused kernel (flash / memory-efficient on CUDA): the same maths, A never stored
-            A, y = None, F.scaled_dot_product_attention(q, k, v)
-        return self.proj(y[0].transpose(0, 1).reshape(n, d)), (A[0] if A is not None else None)
+        if self.mode == "softmax" and not return_attention:  # fused kernel (flash / memory-efficient
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # on CUDA): A is never stored
+            return self.proj(y[0].transpose(0, 1).reshape(n, d)), None
+        if self.mode == "softmax":  # explicit: A = softmax(Q K^T / sqrt(m)), rows sum to 1
+            s = q @ k.transpose(-2, -1) / math.sqrt(d // self.heads)  # (1, H, n, n)
+        elif self.mode == "uniform":
+            s = torch.zeros(n, n, device=x.device)
+        else:  # identity: -inf off the diagonal
+            s = torch.full((n, n), float("-inf"), device=x.device).fill_diagonal_(0)
+        if mask is not None:
+            s = s.masked_fill(~mask, float("-inf"))
+        A = torch.softmax(s, dim=-1).to(v.dtype).expand(1, self.heads, n, n)  # (1, H, n, n)
+        y = A @ v  # (1, H, n, m)
+        return self.proj(y[0].transpose(0, 1).reshape(n, d)), A[0]
 
 
 class Block(nn.Module):
     """Post-norm Transformer block, as in the authors' code: x = LN(x + MSA(x)); x = LN(x + FFN(x))."""
 
-    def __init__(self, dim, heads, ff_mult=4):
+    def __init__(self, dim, heads, mode="softmax", ff_mult=4):
         super().__init__()
-        self.attn, self.norm1, self.norm2 = Attention(dim, heads), nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.attn = Attention(dim, heads, mode)
+        self.norm1 = nn.LayerNorm(dim)
+        self.norm2 = nn.LayerNorm(dim)
         self.ff = nn.Sequential(nn.Linear(dim, ff_mult * dim), nn.GELU(), nn.Linear(ff_mult * dim, dim))
 
-    def forward(self, x, return_attention=False):
-        y, A = self.attn(x, return_attention)
+    def forward(self, x, mask=None, return_attention=False):
+        y, A = self.attn(x, mask, return_attention)
         x = self.norm1(x + y)
         return self.norm2(x + self.ff(x)), A
 
@@ -441,17 +471,25 @@ class Block(nn.Module):
 class TransformerHead(nn.Module):
     """g: Linear(D -> d), L blocks, Linear(d -> out), BN (authors' code). The 2N embeddings are
     ONE sequence, so g is permutation-equivariant over the batch and every sample, its own
-    partner view included, can attend to every other."""
+    partner view included, can attend to every other. mask_partner forbids the partner view:
+    tokens i and i + N (the two views of image i) then never see each other."""
 
-    def __init__(self, in_dim, dim=256, depth=10, heads=16, out_dim=512):
+    def __init__(self, in_dim, dim=256, depth=10, heads=16, out_dim=512, mode="softmax", mask_partner=False):
         super().__init__()
-        self.embed, self.out, self.bn = nn.Linear(in_dim, dim), nn.Linear(dim, out_dim), nn.BatchNorm1d(out_dim)
-        self.blocks = nn.ModuleList(Block(dim, heads) for _ in range(depth))
+        self.mask_partner = mask_partner
+        self.embed = nn.Linear(in_dim, dim)
+        self.blocks = nn.ModuleList(Block(dim, heads, mode) for _ in range(depth))
+        self.out = nn.Linear(dim, out_dim)
+        self.bn = nn.BatchNorm1d(out_dim)
 
-    def forward(self, h, return_attention=False):  # h (2N, D)
+    def forward(self, h, return_attention=False, paired=True):  # h (2N, D); paired: rows i, i + N are one image
+        n = h.shape[0]
+        mask = (
+            ~torch.eye(n, dtype=torch.bool, device=h.device).roll(n // 2, 1) if self.mask_partner and paired else None
+        )
         x, attns = self.embed(h), []  # (2N, d)
         for block in self.blocks:
-            x, A = block(x, return_attention)
+            x, A = block(x, mask, return_attention)
             attns.append(A)  # (heads, 2N, 2N) per layer
         z = self.bn(self.out(x))  # (2N, out)
         return (z, attns) if return_attention else z
@@ -460,7 +498,9 @@ class TransformerHead(nn.Module):
 def make_head(cfg, in_dim):
     if cfg.head == "ffn":
         return FFNHead(in_dim, cfg.head_dim, cfg.head_out, cfg.head_depth)
-    return TransformerHead(in_dim, cfg.head_dim, cfg.head_depth, cfg.head_heads, cfg.head_out)
+    return TransformerHead(
+        in_dim, cfg.head_dim, cfg.head_depth, cfg.head_heads, cfg.head_out, cfg.attn, cfg.mask_partner
+    )
 
 
 # ---- 5. Loss ---------------------------------------------------------------------------
@@ -497,6 +537,27 @@ def autocast_for(device, precision):
     ), precision == "fp16"
 
 
+def make_optimizers(cfg, f, g, device):
+    """SGD with momentum for f and g, lr scaled by N/128 (SimCLR CIFAR recipe); with
+    --head-opt adamw, AdamW for g instead (the usual Transformer optimizer), weight decay
+    only on its matrices. Each group keeps its peak lr as base_lr for the schedule."""
+    fused = {"fused": True} if device.type == "cuda" else {}
+    sgd_lr = cfg.lr * cfg.batch_size / 128
+    head = [*g.parameters()] if cfg.head_opt == "sgd" else []
+    sgd = torch.optim.SGD(
+        [*f.parameters(), *head], lr=sgd_lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, **fused
+    )
+    opts = [sgd]
+    if cfg.head_opt == "adamw":
+        mats = [p for p in g.parameters() if p.dim() > 1]
+        rest = [p for p in g.parameters() if p.dim() <= 1]  # norms and biases: no decay
+        groups = [{"params": mats, "weight_decay": cfg.head_wd}, {"params": rest, "weight_decay": 0.0}]
+        opts.append(torch.optim.AdamW(groups, lr=cfg.head_lr, **fused))
+    for group in (group for opt in opts for group in opt.param_groups):
+        group["base_lr"] = group["lr"]
+    return opts
+
+
 def warmup_steps(cfg, steps):
     """Warmup steps: --warmup-epochs, capped at 10% of the run, so a short run also decays."""
     return min(cfg.warmup_epochs * steps, cfg.epochs * steps // 10)
@@ -509,14 +570,16 @@ def lr_at(step, total, warmup, base):
     return base * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
-def train_step(f, g, opt, scaler, v1, v2, tau, amp):
+def train_step(f, g, opts, scaler, v1, v2, tau, amp):
     """One SimCLR step on two views (N, 3, H, W); returns the loss on the device (no sync)."""
     with amp:  # one forward of all 2N, so BN statistics and attention span both views
         z = g(f(torch.cat([v1, v2]).contiguous(memory_format=torch.channels_last)))  # (2N, out)
     loss = nt_xent(*z.float().chunk(2), tau)  # logits in fp32
-    opt.zero_grad(set_to_none=True)
+    for opt in opts:
+        opt.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
-    scaler.step(opt)
+    for opt in opts:
+        scaler.step(opt)
     scaler.update()
     return loss.detach()
 
@@ -627,13 +690,14 @@ def train(cfg, run_dir, data, device, ckpt=None):
     torch.manual_seed(cfg.seed)
     f, D = make_backbone(cfg.arch, data[0].shape[-1])
     f, g = f.to(device), make_head(cfg, D).to(device)
-    params, fused = [*f.parameters(), *g.parameters()], {"fused": True} if device.type == "cuda" else {}
-    opt = torch.optim.SGD(params, lr=0.0, momentum=cfg.momentum, weight_decay=cfg.weight_decay, **fused)
+    opts = make_optimizers(cfg, f, g, device)
     amp, use_scaler = autocast_for(device, cfg.precision)
     scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
     epoch, start, history, ep_sum = 0, 0, [], 0.0
     if ckpt is not None:
-        f.load_state_dict(ckpt["f"]), g.load_state_dict(ckpt["g"]), opt.load_state_dict(ckpt["opt"])
+        f.load_state_dict(ckpt["f"]), g.load_state_dict(ckpt["g"])
+        for opt, saved in zip(opts, ckpt["opt"]):
+            opt.load_state_dict(saved)
         scaler.load_state_dict(ckpt["scaler"])
         epoch, start, history, ep_sum = ckpt["epoch"], ckpt["step"], ckpt["history"], ckpt["epoch_loss_sum"]
         print(f"resumed from {cfg.resume} at epoch {epoch} step {start}", flush=True)
@@ -643,13 +707,18 @@ def train(cfg, run_dir, data, device, ckpt=None):
     gen = torch.Generator(device=device)
     x = data[0].to(device) if cfg.aug == "device" else data[0]  # the whole set, uint8, on the device
     steps = len(x) // cfg.batch_size
-    total, base_lr = cfg.epochs * steps, cfg.lr * cfg.batch_size / 128
+    total = cfg.epochs * steps
     warmup = warmup_steps(cfg, steps)
     ckpt_path, t0, done0 = run_dir / "checkpoint.pt", time.time(), epoch * steps + start
     ep_sum = torch.tensor(ep_sum, device=device)  # loss summed over this epoch's steps
 
     def state(ep, st, ep_loss_sum):
-        nets = {"f": f.state_dict(), "g": g.state_dict(), "opt": opt.state_dict(), "scaler": scaler.state_dict()}
+        nets = {
+            "f": f.state_dict(),
+            "g": g.state_dict(),
+            "opt": [o.state_dict() for o in opts],
+            "scaler": scaler.state_dict(),
+        }
         return {"format": "deep-fusion/1", "config": dataclasses.asdict(cfg), "epoch": ep, "step": st,
                 "epoch_loss_sum": ep_loss_sum, "history": history, **nets}  # fmt: skip
 
@@ -660,17 +729,17 @@ def train(cfg, run_dir, data, device, ckpt=None):
         try:
             for step, v1, v2 in batches(cfg, x, epoch, start, gen, device, mean, std):
                 gstep = epoch * steps + step
-                for group in opt.param_groups:
-                    group["lr"] = lr_at(gstep, total, warmup, base_lr)
-                loss = train_step(fc, gc, opt, scaler, v1, v2, cfg.tau, amp)
+                for group in (group for opt in opts for group in opt.param_groups):
+                    group["lr"] = lr_at(gstep, total, warmup, group["base_lr"])
+                loss = train_step(fc, gc, opts, scaler, v1, v2, cfg.tau, amp)
                 done, n_log, log_sum, ep_sum = step + 1, n_log + 1, log_sum + loss, ep_sum + loss
                 first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), gstep, first_bad)  # no sync
                 if done % cfg.log_every == 0 or done == steps:
                     check_finite(first_bad, epoch, ckpt_path)  # the host sync: once per progress line
                     now, eta = time.time(), (time.time() - t0) / max(1, gstep + 1 - done0) * (total - gstep - 1)
+                    lr, speed = opts[0].param_groups[0]["lr"], n_log * cfg.batch_size / (now - t_log)
                     print(f"epoch {epoch + 1}/{cfg.epochs} step {done}/{steps} | loss {log_sum.item() / n_log:.4f} | "
-                          f"lr {opt.param_groups[0]['lr']:.4f} | {n_log * cfg.batch_size / (now - t_log):.0f} img/s | "
-                          f"eta {fmt_time(eta)}", flush=True)  # fmt: skip
+                          f"lr {lr:.4f} | {speed:.0f} img/s | eta {fmt_time(eta)}", flush=True)  # fmt: skip
                     log_sum, t_log, n_log = torch.zeros_like(log_sum), now, 0
         except KeyboardInterrupt:
             check_finite(first_bad, epoch, ckpt_path)
@@ -683,12 +752,15 @@ def train(cfg, run_dir, data, device, ckpt=None):
         row = {
             "epoch": epoch,
             "loss": ep_sum.item() / steps,
-            "lr": opt.param_groups[0]["lr"],
+            "lr": opts[0].param_groups[0]["lr"],
             "time_s": round(time.time() - t0, 2),
         }
         ep_sum = torch.zeros_like(ep_sum)
         if (cfg.eval_every and epoch % cfg.eval_every == 0) or epoch == cfg.epochs:
             row["knn_acc"] = evaluate_knn(cfg, f, data, device)
+            if cfg.head == "transformer":  # does fusion emerge as training goes on?
+                report = fusion_report(*attention_maps(cfg, f, g, data[2], data[3], device))
+                row |= {k: report[k] for k in ("fusion", "fusion_chance", "partner_mass")}
         check_collapse(row, history[0]["knn_acc"], cfg, epoch * steps, warmup, ckpt_path)
         history.append(row)
         save_checkpoint(ckpt_path, state(epoch, 0, 0.0))  # before the metrics file, which never runs ahead
@@ -705,8 +777,9 @@ def train(cfg, run_dir, data, device, ckpt=None):
 def features(f, x, device, mean, std, batch=512):
     """Backbone features h (n, D) of un-augmented uint8 images, in eval mode."""
     f.eval()
-    m, s = torch.tensor(mean, device=device)[:, None, None], torch.tensor(std, device=device)[:, None, None]
-    return torch.cat([f((x[i : i + batch].to(device) / 255 - m) / s).float() for i in range(0, len(x), batch)])
+    m, s = constants_on(device, tuple(mean), tuple(std))[:2]
+    x = x.to(device)  # one copy, not one per batch
+    return torch.cat([f((x[i : i + batch] / 255 - m) / s).float() for i in range(0, len(x), batch)])
 
 
 @torch.no_grad()
@@ -715,12 +788,12 @@ def knn_accuracy(train_h, train_y, test_h, test_y, k=200, t=0.1, chunk=1024):
     their class with weight exp(sim / t)."""
     train_h, test_h = F.normalize(train_h, dim=1), F.normalize(test_h, dim=1)
     train_y, test_y = train_y.to(train_h.device), test_y.to(train_h.device)
-    C, correct = int(train_y.max()) + 1, 0
+    C, correct = int(train_y.max()) + 1, torch.zeros((), device=train_h.device)
     for i in range(0, len(test_h), chunk):
         sim, idx = (test_h[i : i + chunk] @ train_h.T).topk(k, dim=1)  # (b, k)
         votes = torch.zeros(len(sim), C, device=sim.device).scatter_add_(1, train_y[idx], (sim / t).exp())
-        correct += (votes.argmax(1) == test_y[i : i + chunk]).sum().item()
-    return correct / len(test_h)
+        correct += (votes.argmax(1) == test_y[i : i + chunk]).sum()  # read once, at the end
+    return correct.item() / len(test_h)
 
 
 def evaluate_knn(cfg, f, data, device):
@@ -733,12 +806,12 @@ def linear_probe(train_h, train_y, test_h, test_y, epochs=100, batch=256, seed=0
     mu, sd = train_h.mean(0), train_h.std(0) + 1e-6
     train_h, test_h = (train_h - mu) / sd, (test_h - mu) / sd
     train_y, test_y = train_y.to(train_h.device), test_y.to(train_h.device)
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator(device=train_h.device).manual_seed(seed)
     clf = nn.Linear(train_h.shape[1], int(train_y.max()) + 1).to(train_h.device)
     opt = torch.optim.Adam(clf.parameters(), lr=1e-3, weight_decay=1e-6)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, epochs * math.ceil(len(train_h) / batch)))
     for _ in range(epochs):
-        for idx in torch.randperm(len(train_h), generator=gen).to(train_h.device).split(batch):
+        for idx in torch.randperm(len(train_h), generator=gen, device=train_h.device).split(batch):
             opt.zero_grad()
             F.cross_entropy(clf(train_h[idx]), train_y[idx]).backward()
             opt.step(), sched.step()
@@ -755,6 +828,23 @@ def fusion_score(attn, labels, pair):
     same &= ~torch.eye(n, dtype=torch.bool, device=same.device)
     same[torch.arange(n), pair] = False
     return (A * same).sum(1).mean().item(), (same.sum(1).float() / n).mean().item()
+
+
+@torch.no_grad()
+def transductive_1nn(cfg, g, h, y):
+    """The authors' protocol (AUTHORS.md), as a labelled second column: test images in batches
+    of N, un-augmented, through f AND g (the Transformer head attends across each batch); each
+    test sample takes the label of its nearest other test sample (cosine, leave-one-out).
+    h: backbone features (n, D) of the test set. Returns (1-NN accuracy on z, the same on h)."""
+    g.eval()
+    z = torch.cat([g(hb, paired=False) if cfg.head == "transformer" else g(hb) for hb in h.split(cfg.batch_size)])
+    y = y.to(h.device)
+    accs = []
+    for e in (z.float(), h):
+        e = F.normalize(e, dim=1)
+        sim = (e @ e.T).fill_diagonal_(float("-inf"))  # (n, n), no sample is its own neighbour
+        accs.append((y[sim.argmax(1)] == y).float().mean().item())
+    return accs
 
 
 def balanced_sample(y, n, seed):
@@ -786,6 +876,19 @@ def attention_maps(cfg, f, g, x, y, device):
     order = torch.argsort(labels, stable=True)
     rank = torch.argsort(order)  # the new position of each old token
     return torch.stack(attns).cpu()[:, :, order][:, :, :, order], labels[order], rank[pair[order]]
+
+
+def save_attention_png(attn, labels, path, scale=2):
+    """One panel per layer (mean over heads), tokens sorted by class, each panel scaled to its
+    own maximum (white = largest weight), with grey lines at class boundaries."""
+    A = attn.float().mean(1)  # (L, n, n)
+    A = A / A.amax((1, 2), keepdim=True)
+    edges = torch.nonzero(labels.diff()).flatten() + 1  # first token of each new class
+    img = A[:, None].repeat(1, 3, 1, 1)  # (L, 3, n, n)
+    img[:, :, edges, :] = 0.5
+    img[:, :, :, edges] = 0.5
+    img = img.repeat_interleave(scale, 2).repeat_interleave(scale, 3)
+    torchvision.utils.save_image(img, path, nrow=min(len(A), 5), padding=4, pad_value=1.0)
 
 
 def fusion_report(attn, labels, pair):
@@ -877,12 +980,9 @@ def benchmark(cfg, data, device):
         hcfg = cfg if head == cfg.head else resolve(dataclasses.replace(cfg, head=head, **dict.fromkeys(HEAD_FIELDS)))
         f, g = f.to(device), make_head(hcfg, D).to(device)
         fc, gc = (torch.compile(f), torch.compile(g)) if cfg.compile else (f, g)
-        opt, scaler = (
-            torch.optim.SGD([*f.parameters(), *g.parameters()], lr=1e-3),
-            torch.amp.GradScaler(enabled=use_scaler),
-        )
+        opts, scaler = make_optimizers(hcfg, f, g, device), torch.amp.GradScaler(enabled=use_scaler)
         step_s = timed(
-            functools.partial(train_step, fc, gc, opt, scaler, v1, v2, cfg.tau, amp), cfg.bench_steps, device
+            functools.partial(train_step, fc, gc, opts, scaler, v1, v2, cfg.tau, amp), cfg.bench_steps, device
         )
         out[f"step_img_s_{head}"] = len(x) / step_s
     h = torch.randn(2 * len(x), D, device=device)
@@ -931,6 +1031,7 @@ def run(cfg, ckpt=None):
         "knn_acc_init": history[0]["knn_acc"],
     }
     results["linear_acc"] = linear_probe(h_train, data[1], h_test, data[3], cfg.linear_epochs, seed=cfg.seed)
+    results["head_1nn_acc"], results["backbone_1nn_acc"] = transductive_1nn(cfg, g, h_test, data[3])
     results |= {"final_loss": history[-1]["loss"], "epochs": cfg.epochs, "device": str(device)}
     results |= {"train_time_s": round(time.time() - t0, 1), "peak_memory_mb": round(peak_memory_mb(device), 1)}
     line = (
@@ -940,6 +1041,7 @@ def run(cfg, ckpt=None):
         attn, labels, pair = attention_maps(cfg, f, g, data[2], data[3], device)
         results |= fusion_report(attn, labels, pair)
         torch.save({"attn": attn.half(), "labels": labels, "pair": pair}, run_dir / "attention.pt")
+        save_attention_png(attn, labels, run_dir / "attention.png")
         by_layer = " ".join(f"{s:.2f}" for s in results["fusion"])
         line += f" | fusion by layer {by_layer} (chance {results['fusion_chance']:.2f})"
     (run_dir / "results.json").write_text(json.dumps(results, indent=2))

@@ -667,6 +667,53 @@ def test_benchmark_cpu(tmp_path, capsys):
     assert json.loads((tmp_path / "benchmark-cpu.json").read_text()) == r
 
 
+def test_augment_copies_nothing_from_the_host_per_call(monkeypatch):
+    """CPU stand-in for the CUDA test below: after the first call (which builds the device's
+    constants), augment neither builds a tensor from host data nor inverts a matrix, the two
+    things that would make the host wait for a GPU on every view."""
+    x, _ = df.synthetic_dataset(8, 0)
+    views(x)  # builds the constants once
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("host-to-device copy or sync in augment")
+
+    monkeypatch.setattr(torch, "tensor", forbidden)
+    monkeypatch.setattr(torch.linalg, "inv", forbidden)
+    monkeypatch.setattr(torch.Tensor, "item", forbidden)
+    views(x)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("head", ["transformer", "ffn"])
+def test_cuda_training_steps_have_no_host_sync(head):
+    """The loop body of train(): batches (on-device augmentation), the lr schedule, train_step
+    and the NaN bookkeeping, under set_sync_debug_mode("error"): any host sync raises."""
+    cfg = df.parse_args([*TINY, "--head", head, "--device", "cuda"])
+    dev = torch.device("cuda")
+    torch.manual_seed(0)
+    f, D = df.make_backbone(cfg.arch)
+    f, g = f.to(dev), df.make_head(cfg, D).to(dev)
+    opts, scaler = df.make_optimizers(cfg, f, g, dev), torch.amp.GradScaler("cuda", enabled=False)
+    amp = df.autocast_for(dev, "bf16")[0]
+    x = df.synthetic_dataset(6 * cfg.batch_size, 0)[0].to(dev)
+    gen, mean_std = torch.Generator(device=dev), df.MEAN_STD["synthetic"]
+    it = df.batches(cfg, x, 0, 0, gen, dev, *mean_std)
+    _, v1, v2 = next(it)  # warm-up outside: the epoch's order is copied once, kernels load
+    df.train_step(f, g, opts, scaler, v1, v2, cfg.tau, amp)
+    first_bad = torch.tensor(-1, device=dev)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for step, v1, v2 in it:
+            for group in (group for opt in opts for group in opt.param_groups):
+                group["lr"] = df.lr_at(step, 6, 1, group["base_lr"])
+            loss = df.train_step(f, g, opts, scaler, v1, v2, cfg.tau, amp)
+            first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), step, first_bad)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert step == 5 and int(first_bad) == -1
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_bf16_training(tmp_path):
     r = df.main([*TINY, "--device", "cuda", "--out-dir", str(tmp_path), "--run-name", "cuda"])
