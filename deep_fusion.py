@@ -24,6 +24,7 @@ Index (paper / THEORY.md -> code)
 
 import argparse
 import dataclasses
+import datetime
 import difflib
 import functools
 import json
@@ -34,11 +35,13 @@ import resource
 import sys
 import time
 import typing
-from contextlib import nullcontext
+from contextlib import nullcontext, redirect_stdout
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as dist_nn
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
@@ -71,6 +74,7 @@ class Config:
     attn: str = arg(
         "softmax", "ablations: identity = no mixing, uniform = batch mean", ("softmax", "identity", "uniform")
     )
+    sync_bn: bool = arg(False, "under torchrun: backbone BatchNorm statistics over all ranks (else per rank)")
     mask_partner: bool = arg(False, "the Transformer head may not attend to a token's other view")
     epochs: int | None = arg(None, "training epochs (paper: 1000)")
     batch_size: int | None = arg(None, "N images per step; the head sees 2N tokens (paper: 1024)")
@@ -177,6 +181,11 @@ def check_config(cfg: Config):
         if value < 0 or (value == 0 and name in POSITIVE):
             need = "positive" if name in POSITIVE else "0 or more"
             raise DeepFusionError(f"--{name.replace('_', '-')} {value}: must be {need}")
+    G = int(os.environ.get("WORLD_SIZE", 1))  # torchrun's processes
+    if cfg.batch_size % G:
+        raise DeepFusionError(f"--batch-size {cfg.batch_size} is the global N and must split evenly over {G} processes")
+    if cfg.benchmark and G > 1:
+        raise DeepFusionError("--benchmark measures one device; run it without torchrun")
     if cfg.batch_size < 2:
         raise DeepFusionError("--batch-size 1: each image needs other images as negatives; use 2 or more")
     if cfg.head == "transformer" and cfg.head_dim % cfg.head_heads:
@@ -570,14 +579,60 @@ def lr_at(step, total, warmup, base):
     return base * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
+def setup_distributed(cfg):
+    """Under torchrun (RANK, WORLD_SIZE, LOCAL_RANK in the environment) join the process group:
+    nccl on CUDA, gloo on CPU, with a timeout so a lost rank ends the run instead of hanging
+    it. Returns the device. One process: no process group is created."""
+    device = pick_device(cfg.device)
+    if int(os.environ.get("WORLD_SIZE", 1)) == 1:
+        return device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(minutes=30))
+    return device
+
+
+def world():
+    """(rank, number of processes); (0, 1) without a process group."""
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+
+
+def gather_tokens(h):
+    """Rank r holds h = [v1_r; v2_r] (2B, D) of its B images. Returns the global sequence (2N, D)
+    [v1_0 ... v1_{G-1}; v2_0 ... v2_{G-1}], so token i's partner is i + N as in one process.
+    The gather is autograd-aware: its backward sums each token's gradient over the G ranks'
+    (identical) losses, so rank r receives G x the one-process gradient of its tokens."""
+    G = world()[1]
+    if G == 1:
+        return h
+    hs = torch.stack(dist_nn.all_gather(h))  # (G, 2B, D)
+    return hs.view(G, 2, -1, hs.shape[-1]).transpose(0, 1).reshape(-1, hs.shape[-1])  # (2, G, B, D) -> (2N, D)
+
+
+def average_gradients(opts):
+    """Mean of the gradients over ranks (DDP's rule), in one all-reduce. For f it turns the
+    G-fold gather gradients into the one-process gradient; g's are already equal on all ranks."""
+    G = world()[1]
+    if G == 1:
+        return
+    grads = [p.grad for opt in opts for group in opt.param_groups for p in group["params"] if p.grad is not None]
+    flat = torch.cat([gr.flatten() for gr in grads])
+    dist.all_reduce(flat)
+    for gr, mean in zip(grads, flat.div_(G).split([gr.numel() for gr in grads])):
+        gr.copy_(mean.view_as(gr))
+
+
 def train_step(f, g, opts, scaler, v1, v2, tau, amp):
     """One SimCLR step on two views (N, 3, H, W); returns the loss on the device (no sync)."""
-    with amp:  # one forward of all 2N, so BN statistics and attention span both views
-        z = g(f(torch.cat([v1, v2]).contiguous(memory_format=torch.channels_last)))  # (2N, out)
+    with amp:  # one forward of both views, so BN statistics and attention span both
+        h = f(torch.cat([v1, v2]).contiguous(memory_format=torch.channels_last))  # (2B, D), this rank's
+        z = g(gather_tokens(h))  # (2N, out): the head attends over the global batch
     loss = nt_xent(*z.float().chunk(2), tau)  # logits in fp32
     for opt in opts:
         opt.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
+    average_gradients(opts)
     for opt in opts:
         scaler.step(opt)
     scaler.update()
@@ -587,20 +642,22 @@ def train_step(f, g, opts, scaler, v1, v2, tau, amp):
 def batches(cfg, x, epoch, start, gen, device, mean, std):
     """Yield (step, v1, v2) for one epoch from step `start`. The order depends on (seed, epoch)
     and the augmentation is reseeded every step, so a resumed run sees the very same views."""
-    steps, B = len(x) // cfg.batch_size, cfg.batch_size
+    rank, G = world()
+    steps, B = len(x) // cfg.batch_size, cfg.batch_size // G  # B: this rank's share of the N images
     perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(cfg.seed * 7919 + epoch))
+    perm = perm[: steps * cfg.batch_size].view(steps, cfg.batch_size)[:, rank * B : (rank + 1) * B]  # (steps, B)
     if cfg.aug == "cpu":  # per-image torchvision pipeline in DataLoader workers
-        torch.manual_seed(cfg.seed * 1_000_003 + epoch * steps + start)
+        torch.manual_seed(cfg.seed * 1_000_003 + epoch * steps + start + (rank << 40))
         views = TwoViews(x, per_image_transform(mean, std, x.shape[-1]))
-        sub = torch.utils.data.Subset(views, perm[start * B : steps * B].tolist())
+        sub = torch.utils.data.Subset(views, perm[start:].flatten().tolist())
         loader = torch.utils.data.DataLoader(sub, B, num_workers=cfg.workers, pin_memory=device.type == "cuda")
         for step, (v1, v2) in enumerate(loader, start):
             yield step, v1.to(device, non_blocking=True), v2.to(device, non_blocking=True)
         return
     perm = perm.to(x.device)
     for step in range(start, steps):
-        gen.manual_seed(cfg.seed * 1_000_003 + epoch * steps + step)
-        xb = x[perm[step * B : (step + 1) * B]]  # (N, 3, H, W) uint8, already on the device
+        gen.manual_seed(cfg.seed * 1_000_003 + epoch * steps + step + (rank << 40))  # each rank its own stream
+        xb = x[perm[step]]  # (B, 3, H, W) uint8, already on the device
         yield step, augment(xb, gen, mean, std), augment(xb, gen, mean, std)
 
 
@@ -673,7 +730,7 @@ def check_collapse(row, knn_init, cfg, done, warmup, ckpt_path):
     floor = math.log(2 * cfg.batch_size - 1)
     if done >= warmup and abs(row["loss"] - floor) < 0.01:
         why = f"loss {row['loss']:.4f} sits at log(2N-1) = {floor:.4f}: all projections coincide"
-    elif done >= max(50, warmup) and row.get("knn_acc", 1.0) < knn_init - 0.02:
+    elif done >= max(50, warmup) and "knn_acc" in row and row["knn_acc"] < knn_init - 0.02:
         why = f"backbone kNN {row['knn_acc']:.2%} fell below its random initialisation ({knn_init:.2%})"
     else:
         return
@@ -683,12 +740,16 @@ def check_collapse(row, knn_init, cfg, done, warmup, ckpt_path):
 
 
 def train(cfg, run_dir, data, device, ckpt=None):
-    """SimCLR training of f and g; checkpoints every epoch (and on Ctrl-C). Returns (f, g, history)."""
+    """SimCLR training of f and g; checkpoints every epoch (and on Ctrl-C). Returns (f, g, history).
+    Under torchrun every rank trains; only rank 0 evaluates and writes."""
     mean, std = MEAN_STD[cfg.dataset]
+    rank0 = world()[0] == 0
     if device.type == "cpu":  # denormal floats in a collapsing net's backward slow a CPU >15x
         torch.set_flush_denormal(True)
     torch.manual_seed(cfg.seed)
     f, D = make_backbone(cfg.arch, data[0].shape[-1])
+    if cfg.sync_bn and world()[1] > 1:  # BN statistics over the global batch, as one process
+        f = nn.SyncBatchNorm.convert_sync_batchnorm(f)
     f, g = f.to(device), make_head(cfg, D).to(device)
     opts = make_optimizers(cfg, f, g, device)
     amp, use_scaler = autocast_for(device, cfg.precision)
@@ -702,7 +763,7 @@ def train(cfg, run_dir, data, device, ckpt=None):
         epoch, start, history, ep_sum = ckpt["epoch"], ckpt["step"], ckpt["history"], ckpt["epoch_loss_sum"]
         print(f"resumed from {cfg.resume} at epoch {epoch} step {start}", flush=True)
     else:
-        history.append({"epoch": 0, "knn_acc": evaluate_knn(cfg, f, data, device)})  # random-init baseline
+        history.append({"epoch": 0, "knn_acc": evaluate_knn(cfg, f, data, device) if rank0 else None})  # random init
     fc, gc = (torch.compile(f), torch.compile(g)) if cfg.compile else (f, g)
     gen = torch.Generator(device=device)
     x = data[0].to(device) if cfg.aug == "device" else data[0]  # the whole set, uint8, on the device
@@ -743,7 +804,8 @@ def train(cfg, run_dir, data, device, ckpt=None):
                     log_sum, t_log, n_log = torch.zeros_like(log_sum), now, 0
         except KeyboardInterrupt:
             check_finite(first_bad, epoch, ckpt_path)
-            save_checkpoint(ckpt_path, state(epoch, done, ep_sum.item()))
+            if rank0:
+                save_checkpoint(ckpt_path, state(epoch, done, ep_sum.item()))
             resume = f"python deep_fusion.py --resume {ckpt_path}"
             raise DeepFusionError(
                 f"interrupted at epoch {epoch + 1} step {done}; saved; continue with: {resume}", 130
@@ -756,15 +818,16 @@ def train(cfg, run_dir, data, device, ckpt=None):
             "time_s": round(time.time() - t0, 2),
         }
         ep_sum = torch.zeros_like(ep_sum)
-        if (cfg.eval_every and epoch % cfg.eval_every == 0) or epoch == cfg.epochs:
+        if rank0 and ((cfg.eval_every and epoch % cfg.eval_every == 0) or epoch == cfg.epochs):
             row["knn_acc"] = evaluate_knn(cfg, f, data, device)
             if cfg.head == "transformer":  # does fusion emerge as training goes on?
                 report = fusion_report(*attention_maps(cfg, f, g, data[2], data[3], device))
                 row |= {k: report[k] for k in ("fusion", "fusion_chance", "partner_mass")}
         check_collapse(row, history[0]["knn_acc"], cfg, epoch * steps, warmup, ckpt_path)
         history.append(row)
-        save_checkpoint(ckpt_path, state(epoch, 0, 0.0))  # before the metrics file, which never runs ahead
-        (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in history))
+        if rank0:
+            save_checkpoint(ckpt_path, state(epoch, 0, 0.0))  # before the metrics file, which never runs ahead
+            (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in history))
         knn = f" | kNN {row['knn_acc']:.2%}" if "knn_acc" in row else ""
         print(f"epoch {epoch}/{cfg.epochs} done | loss {row['loss']:.4f}{knn}", flush=True)
     return f, g, history
@@ -1002,7 +1065,8 @@ def benchmark(cfg, data, device):
 
 def run(cfg, ckpt=None):
     """Train (or benchmark) with a checked config; write the run folder; return the results."""
-    device, data = pick_device(cfg.device), load_dataset(cfg)
+    device, data = setup_distributed(cfg), load_dataset(cfg)
+    rank0 = world()[0] == 0
     if cfg.benchmark:
         r = benchmark(cfg, data, device)
         for key in ("aug_per_image_img_s", "aug_batched_img_s", "step_img_s_ffn", "step_img_s_transformer"):
@@ -1019,12 +1083,14 @@ def run(cfg, ckpt=None):
         if ckpt
         else Path(cfg.out_dir) / (cfg.run_name or f"{cfg.dataset}-{cfg.head}-{time.strftime('%Y%m%d-%H%M%S')}")
     )
-    if not ckpt:
+    if not ckpt and rank0:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
     print(f"run folder {run_dir} | device {device} | {cfg.arch} + {cfg.head} head | {len(data[0])} images", flush=True)
     t0 = time.time()
     f, g, history = train(cfg, run_dir, data, device, ckpt)
+    if not rank0:
+        return {}
     h_train, h_test = (features(f, x, device, *MEAN_STD[cfg.dataset]) for x in (data[0], data[2]))
     results = {
         "knn_acc": knn_accuracy(h_train, data[1], h_test, data[3], cfg.knn_k, cfg.knn_t),
@@ -1051,14 +1117,19 @@ def run(cfg, ckpt=None):
 
 def main(argv=None) -> dict:
     """Command-line entry; tests and the notebook call main([...]). Errors: one line, exit 2."""
+    rank = int(os.environ.get("RANK", 0))  # torchrun's; only rank 0 prints (print() is silent on None)
     try:
-        given = vars(build_parser().parse_args(argv))
-        cfg, ckpt = config_for_resume(given) if given.get("resume") else (resolve(Config(**given)), None)
-        check_config(cfg)
-        return run(cfg, ckpt)
+        with redirect_stdout(None) if rank else nullcontext():
+            given = vars(build_parser().parse_args(argv))
+            cfg, ckpt = config_for_resume(given) if given.get("resume") else (resolve(Config(**given)), None)
+            check_config(cfg)
+            return run(cfg, ckpt)
     except DeepFusionError as e:
-        print(f"deep_fusion.py: error: {e}", file=sys.stderr)
+        print(f"deep_fusion.py: error{f' (rank {rank})' if rank else ''}: {e}", file=sys.stderr)
         raise SystemExit(e.code) from None
+    finally:
+        if world()[1] > 1:
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

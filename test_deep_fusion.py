@@ -516,6 +516,92 @@ def test_collapse_rule(tmp_path, loss, knn, done, stops):
         df.check_collapse(row, 0.30, cfg, done, 6, tmp_path / "checkpoint.pt")
 
 
+# ---- torchrun: G processes take one step exactly as one process -----------------------
+
+DIST_ARGS = "--batch-size 8 --head-dim 16 --head-depth 2 --head-heads 2 --head-out 8 --lr 2.0 --device cpu".split()
+
+
+def one_step_setup(head):
+    """Identical on every rank: config, f and g from one seed, optimizers, 8 images' two views."""
+    cfg = df.parse_args([*DIST_ARGS, "--head", head])
+    torch.manual_seed(0)
+    f, D = df.make_backbone("tiny")
+    g = df.make_head(cfg, D)
+    x = df.synthetic_dataset(8, 0)[0][:, :, :16, :16]
+    gen = torch.Generator().manual_seed(0)
+    v1, v2 = (df.augment(x, gen, *df.MEAN_STD["synthetic"]) for _ in range(2))
+    return cfg, f, g, df.make_optimizers(cfg, f, g, torch.device("cpu")), v1, v2
+
+
+def dist_worker(head, out):
+    """One rank (run by test_torchrun_step_equals_one_process in a subprocess)."""
+    cfg, f, g, opts, v1, v2 = one_step_setup(head)
+    df.setup_distributed(cfg)
+    rank, G = df.world()
+    shard = slice(rank * 8 // G, (rank + 1) * 8 // G)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    loss = df.train_step(f, g, opts, scaler, v1[shard], v2[shard], cfg.tau, torch.autocast("cpu", enabled=False))
+    torch.save({"loss": loss, **{n: p for n, p in [*f.named_parameters(), *g.named_parameters()]}}, f"{out}/{rank}.pt")
+    torch.distributed.destroy_process_group()
+
+
+def free_port():
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.parametrize("head", ["transformer", "ffn"])
+def test_torchrun_step_equals_one_process(tmp_path, head):
+    """2 processes (gloo) against 1 process on the same global batch of N = 8: the same loss and
+    the same parameters after one SGD step. Without --sync-bn each rank's backbone BatchNorm
+    sees its own 4 images, so the one-process reference runs f on each shard in turn (its
+    statistics per shard too); the head and the loss see all 2N tokens in both."""
+    env = {**os.environ, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    code = f"import test_deep_fusion as t; t.dist_worker({head!r}, {str(tmp_path)!r})"
+    procs = [
+        subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)})
+        for r in range(2)
+    ]
+    assert [p.wait(timeout=120) for p in procs] == [0, 0]
+    cfg, f, g, opts, v1, v2 = one_step_setup(head)
+    init = {n: p.detach().clone() for n, p in [*f.named_parameters(), *g.named_parameters()]}
+    h = [f(torch.cat([v1[s], v2[s]])) for s in (slice(0, 4), slice(4, 8))]  # per shard: (2B, D) = [v1_s; v2_s]
+    h = torch.cat([h[0][:4], h[1][:4], h[0][4:], h[1][4:]])  # (2N, D) = [v1; v2], in image order
+    loss = df.nt_xent(*g(h).chunk(2), cfg.tau)
+    loss.backward()
+    for opt in opts:
+        opt.step()
+    ranks = [torch.load(tmp_path / f"{r}.pt", weights_only=True) for r in range(2)]
+    for r in ranks:
+        assert r.pop("loss").item() == pytest.approx(loss.item(), rel=1e-6)
+    moved = 0
+    for name, p in [*f.named_parameters(), *g.named_parameters()]:
+        for r in ranks:
+            torch.testing.assert_close(r[name], p.detach(), rtol=1e-5, atol=1e-6, msg=name)
+        moved += not torch.allclose(p, init[name])
+    assert moved > len(init) // 2  # the step changed the weights: the comparison is not vacuous
+
+
+def test_torchrun_end_to_end(tmp_path):
+    """torchrun with 2 CPU processes: one run folder, written by rank 0, and its results."""
+    argv = [*TINY, "--epochs", "1", "--out-dir", str(tmp_path), "--run-name", "ddp"]
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    out = subprocess.run([*launch, "deep_fusion.py", *argv], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.count("run folder") == 1  # only rank 0 prints
+    r = json.loads((tmp_path / "ddp" / "results.json").read_text())
+    assert 0 <= r["knn_acc"] <= 1 and len(r["fusion"]) == 2
+    assert len((tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+def test_one_process_creates_no_process_group(tmp_path):
+    run_main(tmp_path, "--epochs", "1")
+    assert not torch.distributed.is_initialized()
+
+
 # ---- Bad input: one line, exit 2, nothing written --------------------------------------
 
 
@@ -537,9 +623,13 @@ def test_collapse_rule(tmp_path, loss, knn, done, stops):
         (["--knn-k", "5000"], ["--knn-k 5000", "--knn-k 2048 or less"]),
         (["--batch-size", "4096"], ["--batch-size 4096", "2048 training images"]),
         (["--head-dim", "30", "--head-heads", "4"], ["--head-dim 30", "--head-heads 4"]),
+        (["--batch-size", "9", "WORLD_SIZE=2"], ["--batch-size 9", "2 processes"]),
     ],
 )
-def test_bad_arguments(tmp_path, capsys, argv, fragments):
+def test_bad_arguments(tmp_path, capsys, monkeypatch, argv, fragments):
+    for env in [a for a in argv if "=" in a]:  # an environment variable, as torchrun sets them
+        monkeypatch.setenv(*env.split("="))
+        argv = [a for a in argv if a != env]
     expect_error(capsys, [*argv, "--out-dir", str(tmp_path / "out")], *fragments)
     assert not (tmp_path / "out").exists()
 
