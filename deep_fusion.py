@@ -75,6 +75,8 @@ class Config:
         "softmax", "ablations: identity = no mixing, uniform = batch mean", ("softmax", "identity", "uniform")
     )
     sync_bn: bool = arg(False, "under torchrun: backbone BatchNorm statistics over all ranks (else per rank)")
+    qk_tied: bool = arg(False, "W^Q = W^K: attention logits are a similarity (THEORY.md, Theorem 1)")
+    attn_scale: float = arg(0.0, "a learnable per-head attention logit scale starting here (0: fixed, as the authors)")
     mask_partner: bool = arg(False, "the Transformer head may not attend to a token's other view")
     epochs: int | None = arg(None, "training epochs (paper: 1000)")
     batch_size: int | None = arg(None, "N images per step; the head sees 2N tokens (paper: 1024)")
@@ -171,7 +173,7 @@ def parse_args(argv=None) -> Config:
 
 POSITIVE = "epochs batch_size lr tau knn_k knn_t head_dim head_depth head_heads head_out image_size".split()
 POSITIVE += "synthetic_train synthetic_test attn_batch bench_steps log_every head_lr".split()
-NON_NEGATIVE = "head_wd weight_decay momentum warmup_epochs eval_every linear_epochs workers".split()
+NON_NEGATIVE = "attn_scale head_wd weight_decay momentum warmup_epochs eval_every linear_epochs workers".split()
 
 
 def check_config(cfg: Config):
@@ -436,15 +438,19 @@ class Attention(nn.Module):
     "identity" (each token sees only itself) and "uniform" (every token sees the batch mean)
     fix A instead of computing it: the ablations that say what the mixing is worth."""
 
-    def __init__(self, dim, heads, mode="softmax"):
+    def __init__(self, dim, heads, mode="softmax", tied=False, scale=0.0):
         super().__init__()
-        self.heads, self.mode = heads, mode
+        self.heads, self.mode, self.tied = heads, mode, tied
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
+        self.log_scale = nn.Parameter(torch.full((heads, 1, 1), math.log(scale))) if scale else None
 
     def forward(self, x, mask=None, return_attention=False):  # x (n, d); mask (n, n), True = may attend
         n, d = x.shape
         q, k, v = self.qkv(x).view(n, 3, self.heads, d // self.heads).permute(1, 2, 0, 3)[:, None]  # (1, H, n, m)
+        k = q if self.tied else k  # W^Q = W^K: s_ij = <q_i, q_j>, a similarity (Theorem 1's construction)
+        if self.log_scale is not None:  # learnable temperature: logits e^log_scale Q K^T / sqrt(m)
+            q = q * self.log_scale.exp()
         if self.mode == "softmax" and not return_attention:  # fused kernel (flash / memory-efficient
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # on CUDA): A is never stored
             return self.proj(y[0].transpose(0, 1).reshape(n, d)), None
@@ -464,9 +470,9 @@ class Attention(nn.Module):
 class Block(nn.Module):
     """Post-norm Transformer block, as in the authors' code: x = LN(x + MSA(x)); x = LN(x + FFN(x))."""
 
-    def __init__(self, dim, heads, mode="softmax", ff_mult=4):
+    def __init__(self, dim, heads, ff_mult=4, **attn):
         super().__init__()
-        self.attn = Attention(dim, heads, mode)
+        self.attn = Attention(dim, heads, **attn)
         self.norm1 = nn.LayerNorm(dim)
         self.norm2 = nn.LayerNorm(dim)
         self.ff = nn.Sequential(nn.Linear(dim, ff_mult * dim), nn.GELU(), nn.Linear(ff_mult * dim, dim))
@@ -483,11 +489,11 @@ class TransformerHead(nn.Module):
     partner view included, can attend to every other. mask_partner forbids the partner view:
     tokens i and i + N (the two views of image i) then never see each other."""
 
-    def __init__(self, in_dim, dim=256, depth=10, heads=16, out_dim=512, mode="softmax", mask_partner=False):
+    def __init__(self, in_dim, dim=256, depth=10, heads=16, out_dim=512, mask_partner=False, **attn):
         super().__init__()
         self.mask_partner = mask_partner
         self.embed = nn.Linear(in_dim, dim)
-        self.blocks = nn.ModuleList(Block(dim, heads, mode) for _ in range(depth))
+        self.blocks = nn.ModuleList(Block(dim, heads, **attn) for _ in range(depth))
         self.out = nn.Linear(dim, out_dim)
         self.bn = nn.BatchNorm1d(out_dim)
 
@@ -508,7 +514,15 @@ def make_head(cfg, in_dim):
     if cfg.head == "ffn":
         return FFNHead(in_dim, cfg.head_dim, cfg.head_out, cfg.head_depth)
     return TransformerHead(
-        in_dim, cfg.head_dim, cfg.head_depth, cfg.head_heads, cfg.head_out, cfg.attn, cfg.mask_partner
+        in_dim,
+        cfg.head_dim,
+        cfg.head_depth,
+        cfg.head_heads,
+        cfg.head_out,
+        cfg.mask_partner,
+        mode=cfg.attn,
+        tied=cfg.qk_tied,
+        scale=cfg.attn_scale,
     )
 
 

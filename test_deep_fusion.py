@@ -156,6 +156,58 @@ def test_fast_attention_path_equals_explicit():
     assert torch.allclose(fast, explicit, atol=1e-10)
 
 
+def test_mask_partner_hides_exactly_the_other_view():
+    torch.manual_seed(0)
+    g = df.TransformerHead(12, dim=16, depth=2, heads=4, out_dim=7, mask_partner=True).double().eval()
+    h = torch.randn(10, 12, dtype=torch.float64)  # N = 5 images: token i and i + 5 are one image
+    z, attns = g(h, return_attention=True)
+    partner = torch.arange(10).roll(5)
+    for A in attns:
+        assert (A[:, torch.arange(10), partner] == 0).all() and (A[:, torch.arange(10), torch.arange(10)] > 0).all()
+    assert torch.allclose(z, g(h), atol=1e-10)  # the fused path applies the same mask
+    h2 = h.clone()
+    h2[5] = torch.randn(12, dtype=torch.float64)  # change image 0's second view
+    mask = ~torch.eye(10, dtype=torch.bool).roll(5, 1)
+    first = [g.blocks[0](g.embed(x), mask)[0] for x in (h, h2)]  # one layer: token 0 sees all but token 5
+    assert torch.allclose(first[0][0], first[1][0], atol=1e-10)
+    pairs = torch.randperm(5)  # permuting images (both views alike) permutes the output
+    perm = torch.cat([pairs, pairs + 5])
+    assert torch.allclose(g(h)[perm], g(h[perm]), atol=1e-10)
+
+
+@pytest.mark.parametrize("mode", ["identity", "uniform"])
+def test_fixed_attention_ablations(mode):
+    torch.manual_seed(0)
+    g = df.TransformerHead(12, dim=16, depth=2, heads=4, out_dim=7, mode=mode).double().eval()
+    h = torch.randn(8, 12, dtype=torch.float64)
+    _, attns = g(h, return_attention=True)
+    expected = (
+        torch.eye(8, dtype=torch.float64) if mode == "identity" else torch.full((8, 8), 1 / 8, dtype=torch.float64)
+    )
+    assert all(torch.allclose(A, expected.expand(4, 8, 8)) for A in attns)
+    h2 = h.clone()
+    h2[1:] = torch.randn(7, 12, dtype=torch.float64)
+    mixes = not torch.allclose(g(h)[0], g(h2)[0], atol=1e-8)  # BN in eval mode: rows are independent...
+    assert mixes == (mode == "uniform")  # ...unless attention mixes them
+
+
+def cycle_residual(A):
+    """D_ij + D_jk + D_ki with D = log A - log A^T: zero for every (i, j, k) exactly when the
+    logits are symmetric up to row constants (then D_ij = lse_j - lse_i)."""
+    D = A.log() - A.log().transpose(-2, -1)  # (H, n, n)
+    return (D[:, :, :, None] + D[:, None, :, :] + D.transpose(-2, -1)[:, :, None, :]).abs().max()
+
+
+def test_tied_qk_gives_symmetric_logits_and_scale_is_learnable():
+    torch.manual_seed(0)
+    x = torch.randn(6, 16, dtype=torch.float64)
+    tied = df.Attention(16, 4, tied=True, scale=4.0).double()
+    assert cycle_residual(tied(x, return_attention=True)[1]) < 1e-9  # s_ij = <q_i, q_j> = s_ji
+    assert cycle_residual(df.Attention(16, 4).double()(x, return_attention=True)[1]) > 1e-3
+    assert tied.log_scale.requires_grad and tied.log_scale.exp().flatten().tolist() == pytest.approx([4.0] * 4)
+    assert df.Attention(16, 4).log_scale is None  # the authors' fixed 1/sqrt(m) by default
+
+
 # ---- Fusion score and kNN --------------------------------------------------------------
 
 
@@ -358,11 +410,52 @@ def test_main_learns_on_synthetic(tmp_path, capsys):
     maps = torch.load(run / "attention.pt", weights_only=True)
     assert maps["attn"].shape == (4, 4, 256, 256)
     assert (maps["labels"].diff() >= 0).all()  # sorted by class
+    monitors = [row for row in history if "fusion" in row]  # fusion tracked at every kNN monitor epoch
+    assert [row["epoch"] for row in monitors] == [5, 8]
+    assert all(len(row["fusion"]) == len(row["partner_mass"]) == 4 for row in monitors)
+    from PIL import Image
+
+    with Image.open(run / "attention.png") as png:
+        assert png.mode == "RGB" and png.height > 256 and png.width > 4 * 256  # 4 layers side by side
+    assert 0 <= r["head_1nn_acc"] <= 1 and 0 <= r["backbone_1nn_acc"] <= 1
 
 
 def test_ffn_head_runs(tmp_path):
     r = run_main(tmp_path, "--head", "ffn")
     assert "fusion" not in r and 0 <= r["knn_acc"] <= 1
+
+
+def test_head_options_train_together(tmp_path):
+    r = run_main(tmp_path, "--head-opt", "adamw", "--qk-tied", "--attn-scale", "4", "--mask-partner", "--epochs", "1")
+    assert all(p == 0 for p in r["partner_mass"]) and 0 <= r["knn_acc"] <= 1
+    ckpt = df.load_checkpoint(tmp_path / "run" / "checkpoint.pt")
+    assert len(ckpt["opt"]) == 2  # SGD for f, AdamW for g
+    cfg = df.parse_args(["--head-opt", "adamw"])
+    f, D = df.make_backbone(cfg.arch)
+    g = df.make_head(cfg, D)
+    sgd, adamw = df.make_optimizers(cfg, f, g, torch.device("cpu"))
+    assert sum(p.numel() for p in sgd.param_groups[0]["params"]) == sum(p.numel() for p in f.parameters())
+    decayed, free = adamw.param_groups
+    assert decayed["weight_decay"] == 0.05 and all(p.dim() == 2 for p in decayed["params"])
+    assert free["weight_decay"] == 0 and all(p.dim() == 1 for p in free["params"])  # norms, biases
+
+
+class BatchMean(torch.nn.Module):
+    """A 'head' that replaces every sample by (almost) its batch's mean."""
+
+    def forward(self, h, paired=True):
+        return h.mean(0, keepdim=True) + 1e-3 * h
+
+
+def test_transductive_protocol_rewards_a_head_that_only_mixes_the_batch():
+    """Why the authors' head-output accuracy is a second column: on a test set stored class by
+    class, batches are single-class, and a head that outputs the batch mean scores 100% on
+    features that carry no class information at all."""
+    g = torch.Generator().manual_seed(0)
+    h, y = torch.randn(40, 8, generator=g), torch.arange(4).repeat_interleave(10)  # random features, sorted
+    cfg = df.parse_args(["--batch-size", "10"])
+    head_acc, backbone_acc = df.transductive_1nn(cfg, BatchMean(), h, y)
+    assert head_acc == 1.0 and backbone_acc < 0.5
 
 
 def test_per_image_cpu_pipeline_trains(tmp_path):
