@@ -910,12 +910,15 @@ def fusion_score(attn, labels, pair):
 @torch.no_grad()
 def transductive_1nn(cfg, g, h, y):
     """The authors' protocol (AUTHORS.md), as a labelled second column: test images in batches
-    of N, un-augmented, through f AND g (the Transformer head attends across each batch); each
-    test sample takes the label of its nearest other test sample (cosine, leave-one-out).
-    h: backbone features (n, D) of the test set. Returns (1-NN accuracy on z, the same on h)."""
+    of N through f AND g (the Transformer head attends across each batch); each test sample
+    takes the label of its nearest other test sample (cosine, leave-one-out). The batches
+    follow a seeded random order: on a test set stored class by class, single-class batches
+    would let the head leak labels. h: backbone features (n, D) of the test set.
+    Returns (1-NN accuracy on head outputs z, the same on backbone features h)."""
     g.eval()
+    order = torch.randperm(len(h), generator=torch.Generator().manual_seed(cfg.seed)).to(h.device)
+    h, y = h[order], y.to(h.device)[order]
     z = torch.cat([g(hb, paired=False) if cfg.head == "transformer" else g(hb) for hb in h.split(cfg.batch_size)])
-    y = y.to(h.device)
     accs = []
     for e in (z.float(), h):
         e = F.normalize(e, dim=1)
