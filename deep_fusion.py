@@ -124,6 +124,7 @@ HEAD_PRESETS = {
 }
 HEAD_FIELDS = ("head_dim", "head_depth", "head_heads", "head_out")
 FEATURE_DIM = {"tiny": 256, "resnet18": 512, "resnet34": 512, "resnet50": 2048}  # D of each backbone f
+CKPT_FORMAT = "deep-fusion/2"  # 2: "opt" holds a list of optimizer states
 # Fields that do not change the training maths: a resumed run may set them anew.
 RUNTIME_ONLY = set("resume device compile workers log_every out_dir run_name benchmark bench_steps".split())
 
@@ -638,7 +639,8 @@ def average_gradients(opts):
 
 
 def train_step(f, g, opts, scaler, v1, v2, tau, amp):
-    """One SimCLR step on two views (N, 3, H, W); returns the loss on the device (no sync)."""
+    """One SimCLR step on two views (B, 3, H, W) of this rank's B = N/G images (B = N in one
+    process); returns the loss on the device (no sync)."""
     with amp:  # one forward of both views, so BN statistics and attention span both
         h = f(torch.cat([v1, v2]).contiguous(memory_format=torch.channels_last))  # (2B, D), this rank's
         z = g(gather_tokens(h))  # (2N, out): the head attends over the global batch
@@ -707,7 +709,9 @@ def load_checkpoint(path):
         raise DeepFusionError(
             f"--resume {path}: not a readable checkpoint ({type(e).__name__}), maybe truncated"
         ) from None
-    if not isinstance(ckpt, dict) or ckpt.get("format") != "deep-fusion/1":
+    if isinstance(ckpt, dict) and ckpt.get("format") == "deep-fusion/1":  # one optimizer, before --head-opt
+        raise DeepFusionError(f"--resume {path}: written by an older deep_fusion.py (format 1); start a new run")
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CKPT_FORMAT:
         raise DeepFusionError(f"--resume {path}: not a deep_fusion.py checkpoint; give a run folder's checkpoint.pt")
     return ckpt
 
@@ -794,7 +798,7 @@ def train(cfg, run_dir, data, device, ckpt=None):
             "opt": [o.state_dict() for o in opts],
             "scaler": scaler.state_dict(),
         }
-        return {"format": "deep-fusion/1", "config": dataclasses.asdict(cfg), "epoch": ep, "step": st,
+        return {"format": CKPT_FORMAT, "config": dataclasses.asdict(cfg), "epoch": ep, "step": st,
                 "epoch_loss_sum": ep_loss_sum, "history": history, **nets}  # fmt: skip
 
     while epoch < cfg.epochs:

@@ -526,7 +526,7 @@ def test_sigkill_leaves_a_readable_checkpoint_and_resume_matches(tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert ckpt.exists()
-    assert torch.load(ckpt, weights_only=True)["format"] == "deep-fusion/1"
+    assert torch.load(ckpt, weights_only=True)["format"] == df.CKPT_FORMAT
     df.main(["--resume", str(ckpt)])
     run_main(tmp_path, "--epochs", "6", name="whole")
     assert_same_run(tmp_path / "whole", tmp_path / "killed")
@@ -534,7 +534,7 @@ def test_sigkill_leaves_a_readable_checkpoint_and_resume_matches(tmp_path):
 
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     path = tmp_path / "checkpoint.pt"
-    df.save_checkpoint(path, {"format": "deep-fusion/1", "w": torch.ones(3)})
+    df.save_checkpoint(path, {"format": df.CKPT_FORMAT, "w": torch.ones(3)})
     real_save = torch.save
 
     def dies_halfway(obj, fh):
@@ -543,7 +543,7 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "save", dies_halfway)
     with pytest.raises(OSError):
-        df.save_checkpoint(path, {"format": "deep-fusion/1", "w": torch.zeros(3)})
+        df.save_checkpoint(path, {"format": df.CKPT_FORMAT, "w": torch.zeros(3)})
     monkeypatch.setattr(torch, "save", real_save)
     assert torch.equal(df.load_checkpoint(path)["w"], torch.ones(3))  # the old one, intact
 
@@ -579,14 +579,21 @@ def test_warmup_is_capped_so_short_runs_decay(epochs, warmup_epochs):
     assert max(base) == pytest.approx(1.0, abs=1e-3) and base[-1] < 0.01  # peaks, then decays to ~0
 
 
-def test_collapse_stops_the_run_keeps_the_checkpoint_and_flushes_denormals(tmp_path, capsys):
+def test_collapse_stops_the_run_keeps_the_checkpoint_and_flushes_denormals(tmp_path, capsys, monkeypatch):
+    """From epoch 2 every projection is the same, as in a collapsed head: the loss is exactly
+    log(2N-1), and the run must stop there, keeping epoch 1's checkpoint. (Forced, because a
+    real low-tau collapse, e.g. --tau 0.02, may first show as NaN depending on thread count.)"""
+    real, calls = df.nt_xent, []
+
+    def collapsed_from_epoch_2(z1, z2, tau):
+        calls.append(1)
+        return real(z1 * 0 + 1, z2 * 0 + 1, tau) if len(calls) > 8 else real(z1, z2, tau)
+
+    monkeypatch.setattr(df, "nt_xent", collapsed_from_epoch_2)
     torch.set_flush_denormal(False)
-    argv = "--tau 0.02 --synthetic-train 1024 --synthetic-test 256 --epochs 6 --linear-epochs 5 --eval-every 0"
-    err = expect_error(
-        capsys, [*argv.split(), "--out-dir", str(tmp_path), "--run-name", "c"], "collapsed at epoch 3", "--tau", code=1
-    )
-    assert "log(2N-1) = 5.5413" in err and "last good checkpoint" in err
-    assert df.load_checkpoint(tmp_path / "c" / "checkpoint.pt")["epoch"] == 2
+    err = expect_error(capsys, [*TINY, "--out-dir", str(tmp_path), "--run-name", "c"], "collapsed at epoch 2", code=1)
+    assert "log(2N-1) = 4.8442" in err and "last good checkpoint" in err and "--tau" in err
+    assert df.load_checkpoint(tmp_path / "c" / "checkpoint.pt")["epoch"] == 1
     assert torch.tensor([1e-323], dtype=torch.float64).item() == 0  # the CPU run flushed denormals
 
 
@@ -815,7 +822,7 @@ class Payload:
 def test_malicious_checkpoint_is_refused(tmp_path, capsys):
     target = tmp_path / "pwned"
     path = tmp_path / "evil.pt"
-    torch.save({"format": "deep-fusion/1", "x": Payload(str(target))}, path)
+    torch.save({"format": df.CKPT_FORMAT, "x": Payload(str(target))}, path)
     expect_error(capsys, ["--resume", str(path)], "--resume", "refused")
     assert not target.exists()
     torch.load(path, weights_only=False)  # what weights_only=True prevents
@@ -835,6 +842,8 @@ def test_bad_checkpoints(tmp_path, capsys):
     other = tmp_path / "other.pt"
     torch.save({"weights": torch.ones(2)}, other)
     expect_error(capsys, ["--resume", str(other)], "not a deep_fusion.py checkpoint")
+    torch.save({"format": "deep-fusion/1"}, other)
+    expect_error(capsys, ["--resume", str(other)], "older deep_fusion.py", "start a new run")
     expect_error(capsys, ["--resume", str(good), "--tau", "0.3"], "another config", "--tau 0.3")
 
 
