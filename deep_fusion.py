@@ -6,20 +6,26 @@ via Transformer Projection Heads", arXiv 2403.18681. One file: torch, torchvisio
 Commands
   python deep_fusion.py                                        # CPU smoke run: synthetic data, tiny CNN
   python deep_fusion.py --dataset cifar10 --head transformer   # GPU: ResNet-18, the authors' head
+  torchrun --nproc-per-node 4 deep_fusion.py --dataset cifar10 --batch-size 1024   # one global sequence
   python deep_fusion.py --benchmark --device cpu               # augmentation and step throughput
-Measured (the first command, 2-core CPU, 74 s): kNN 75.6% (random-init backbone 29.3%, chance 10%).
-All numbers, the hardware and the commands behind them: README.md.
+Measured (the first command, 2-core CPU, 64 s): kNN 74.8% (random-init backbone 29.3%, chance 10%).
+On 4,000 real CIFAR-10 images (10 epochs, 3 seeds) the authors' head matches SimCLR's MLP
+(kNN 39.4 +- 0.6 vs 38.7 +- 1.2) and its attention stays uniform; --qk-tied --attn-scale 4
+--mask-partner makes fusion visible (0.121 vs chance 0.092). Commands and tables: README.md.
 
 Index (paper / THEORY.md -> code)
   views x -> f -> h -> g -> z (SimCLR)              augment, make_backbone, FFNHead, TransformerHead
   NT-Xent loss (SimCLR Eq. 1)                       nt_xent
   attention A = softmax(Q K^T / sqrt(m))            Attention.forward (explicit and fused paths)
   post-norm block, authors' code                    Block
+  one sequence of 2N tokens across torchrun ranks   gather_tokens, average_gradients
   Theorem 1 data and W^Q* = W^K* = sqrt(beta) F     union_of_subspaces, softmax_attention
+  ... made trainable (W^Q = W^K, learnable scale)   Attention(tied=True, scale=...)
   Theorem 2 within-class diameter D_k               class_diameters
-  fusion score F_l and its chance level             fusion_score, fusion_report
+  fusion score F_l and its chance level             fusion_score, fusion_report, balanced_sample
   weighted kNN monitor (Wu et al. 2018)             knn_accuracy
   linear probe on frozen h                          linear_probe
+  the authors' head-output 1-NN (transductive)      transductive_1nn
 """
 
 import argparse
@@ -962,11 +968,12 @@ def attention_maps(cfg, f, g, x, y, device):
     return torch.stack(attns).cpu()[:, :, order][:, :, :, order], labels[order], rank[pair[order]]
 
 
-def save_attention_png(attn, labels, path, scale=2):
-    """One panel per layer (mean over heads), tokens sorted by class, each panel scaled to its
-    own maximum (white = largest weight), with grey lines at class boundaries."""
+def save_attention_png(attn, labels, path, scale=1):
+    """One panel per layer (mean over heads), tokens sorted by class, grey lines at class
+    boundaries; white = at or above the panel's 99th percentile, so a few large weights do not
+    leave the rest black."""
     A = attn.float().mean(1)  # (L, n, n)
-    A = A / A.amax((1, 2), keepdim=True)
+    A = (A / A.flatten(1).quantile(0.99, dim=1)[:, None, None]).clamp(max=1)
     edges = torch.nonzero(labels.diff()).flatten() + 1  # first token of each new class
     img = A[:, None].repeat(1, 3, 1, 1)  # (L, 3, n, n)
     img[:, :, edges, :] = 0.5
