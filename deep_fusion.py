@@ -222,7 +222,6 @@ MEAN_STD = {
     "imagefolder": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),  # ImageNet's
     "synthetic": ((0.5, 0.5, 0.5), (0.25, 0.25, 0.25)),
 }
-IMG_EXT = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
 
 def synthetic_dataset(n, seed, size=32, n_classes=10, glyph=11, copies=(3, 7)):
@@ -252,44 +251,46 @@ def synthetic_dataset(n, seed, size=32, n_classes=10, glyph=11, copies=(3, 7)):
     return torch.from_numpy(x), torch.from_numpy(y)
 
 
-def read_image(path, size):
-    """One RGB image as uint8 (3, size, size); a broken file is reported by its path."""
-    from PIL import Image  # pillow comes with torchvision
+def image_folders(root, size=None):
+    """torchvision ImageFolders of root/train and root/val, checked to hold the same classes;
+    each image is decoded as RGB and, with `size`, resized to (size, size) when read."""
+    from torchvision.transforms import v2
 
-    try:
-        with Image.open(path) as im:
-            im = im.convert("RGB").resize((size, size), Image.BILINEAR)
-    except Exception as e:
-        raise DeepFusionError(f"cannot read image {path}: {e}; remove or replace the file") from None
-    return torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1)
-
-
-def imagefolder_index(root):
-    """({split: [(path, class)]}, classes) after checking that train/ and val/ match."""
-    root, index, classes = Path(root), {}, {}
+    root, sets = Path(root), {}
     if not root.is_dir():
         raise DeepFusionError(f"--data-dir {root}: no such folder; give a folder holding train/ and val/")
+    resize = v2.Compose([v2.Resize((size, size)), v2.PILToTensor()]) if size else None
     for split in ("train", "val"):
-        d = root / split
-        classes[split] = sorted(c.name for c in d.iterdir() if c.is_dir()) if d.is_dir() else []
-        if not classes[split]:
-            raise DeepFusionError(f"--data-dir {root}: {d} has no class folders; expected {d}/<class>/<image>")
-    if classes["train"] != classes["val"]:
-        diff = sorted(set(classes["train"]) ^ set(classes["val"]))[:3]
+        try:  # a missing folder, no class folders, or class folders without images
+            sets[split] = torchvision.datasets.ImageFolder(root / split, transform=resize)
+        except FileNotFoundError as e:
+            d = root / split
+            raise DeepFusionError(
+                f"--data-dir {root}: {d} has no class folders with images ({e}); expected {d}/<class>/<image>"
+            ) from None
+    if sets["train"].classes != sets["val"].classes:
+        diff = sorted(set(sets["train"].classes) ^ set(sets["val"].classes))[:3]
         raise DeepFusionError(f"--data-dir {root}: train/ and val/ class folders differ (e.g. {diff}); match them")
-    for split in ("train", "val"):
-        folders = [(root / split / c, k) for k, c in enumerate(classes["train"])]
-        index[split] = [(p, k) for d, k in folders for p in sorted(d.iterdir()) if p.suffix.lower() in IMG_EXT]
-        if not index[split]:
-            raise DeepFusionError(f"--data-dir {root}: {split}/ holds no images ({' '.join(IMG_EXT)})")
-    return index, len(classes["train"])
+    return sets
+
+
+def read_images(folder):
+    """Every image of an ImageFolder as uint8 (n, 3, size, size), with its labels (n,); a
+    broken file is reported by its path."""
+    x = []
+    for i, (path, _) in enumerate(folder.samples):
+        try:
+            x.append(folder[i][0])
+        except Exception as e:
+            raise DeepFusionError(f"cannot read image {path}: {e}; remove or replace the file") from None
+    return torch.stack(x), torch.tensor(folder.targets)
 
 
 def dataset_size(cfg):
     """(training images, classes), known without downloading anything."""
     if cfg.dataset == "imagefolder":
-        index, n_classes = imagefolder_index(cfg.data_dir)
-        return len(index["train"]), n_classes
+        train = image_folders(cfg.data_dir)["train"]
+        return len(train), len(train.classes)
     return {"synthetic": (cfg.synthetic_train, 10), "cifar10": (50000, 10), "cifar100": (50000, 100)}[cfg.dataset]
 
 
@@ -298,11 +299,10 @@ def load_dataset(cfg):
     if cfg.dataset == "synthetic":
         return (*synthetic_dataset(cfg.synthetic_train, cfg.seed), *synthetic_dataset(cfg.synthetic_test, cfg.seed + 1))
     if cfg.dataset == "imagefolder":
-        index, out = imagefolder_index(cfg.data_dir)[0], []
+        sets, out = image_folders(cfg.data_dir, cfg.image_size), []
         for split in ("train", "val"):
-            print(f"reading {len(index[split])} {split} images from {cfg.data_dir}", flush=True)
-            out += [torch.stack([read_image(p, cfg.image_size) for p, _ in index[split]])]
-            out += [torch.tensor([k for _, k in index[split]])]
+            print(f"reading {len(sets[split])} {split} images from {cfg.data_dir}", flush=True)
+            out += read_images(sets[split])
         return tuple(out)
     cls = torchvision.datasets.CIFAR10 if cfg.dataset == "cifar10" else torchvision.datasets.CIFAR100
     try:
