@@ -31,7 +31,6 @@ Index (paper / THEORY.md -> code)
 import argparse
 import dataclasses
 import datetime
-import difflib
 import functools
 import json
 import math
@@ -51,6 +50,7 @@ import torch.distributed.nn.functional as dist_nn
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
+from torchvision.transforms import v2
 
 # ---- 1. Config -------------------------------------------------------------------------
 
@@ -63,7 +63,7 @@ def arg(default, help, choices=None):
 
 @dataclasses.dataclass
 class Config:
-    """Single source of defaults; the command line is built from it. None = from PRESETS."""
+    """Single source of defaults; the command line is built from it. None = from the presets."""
 
     dataset: str = arg("synthetic", "synthetic is built in and offline; CIFAR is downloaded", DATASETS)
     data_dir: str = arg("./data", "CIFAR download folder, or an imagefolder root holding train/ and val/")
@@ -77,9 +77,7 @@ class Config:
     head_opt: str = arg("sgd", "optimizer of the head g: sgd (with f) or adamw (its own)", ("sgd", "adamw"))
     head_lr: float = arg(1e-3, "peak AdamW learning rate of g with --head-opt adamw (not scaled by N)")
     head_wd: float = arg(0.05, "AdamW weight decay of g's matrices with --head-opt adamw")
-    attn: str = arg(
-        "softmax", "ablations: identity = no mixing, uniform = batch mean", ("softmax", "identity", "uniform")
-    )
+    attn: str = arg("softmax", "identity = no mixing, uniform = batch mean", ("softmax", "identity", "uniform"))
     sync_bn: bool = arg(False, "under torchrun: backbone BatchNorm statistics over all ranks (else per rank)")
     qk_tied: bool = arg(False, "W^Q = W^K: attention logits are a similarity (THEORY.md, Theorem 1)")
     attn_scale: float = arg(0.0, "a learnable per-head attention logit scale starting here (0: fixed, as the authors)")
@@ -99,7 +97,7 @@ class Config:
     knn_k: int = arg(200, "kNN neighbours")
     knn_t: float = arg(0.1, "kNN temperature")
     linear_epochs: int = arg(100, "linear-probe epochs on frozen backbone features")
-    eval_every: int | None = arg(None, "kNN monitor every this many epochs (0: at the end only)")
+    eval_every: int | None = arg(None, "kNN and fusion monitor every this many epochs (0: at the end only)")
     attn_batch: int = arg(128, "labeled images (2x tokens) for the attention maps and fusion score")
     synthetic_train: int = arg(2048, "synthetic training images")
     synthetic_test: int = arg(512, "synthetic test images")
@@ -112,25 +110,21 @@ class Config:
     bench_steps: int = arg(10, "timed steps per benchmark measurement")
 
 
-# Per-dataset defaults: a CPU-sized run on synthetic data; elsewhere the established CIFAR
-# SimCLR recipe (ResNet-18, batch 512, 10 warmup epochs, 200 epochs).
+# Defaults per run size: CPU-sized on the synthetic data; elsewhere the CIFAR SimCLR recipe
+# (ResNet-18, batch 512, 10 warmup epochs, 200 epochs) and the authors' Transformer head.
 PRESETS = {
     "small": dict(arch="tiny", epochs=15, batch_size=128, warmup_epochs=1, eval_every=5),
     "full": dict(arch="resnet18", epochs=200, batch_size=512, warmup_epochs=10, eval_every=10),
 }
-# Per-head defaults. Transformer: the authors' head (d 256, L 10, 16 heads, out 512), narrower
-# on CPUs. FFN: SimCLR's head, Linear(D, D)-BN-ReLU-Linear(D, 128) (Chen et al. 2020, Sec. 2 and
-# B.9; lightly's CIFAR benchmark), hidden width = the backbone's D; --head-depth 10 is the
-# authors' depth-matched MLP.
-HEAD_PRESETS = {
-    ("transformer", "small"): dict(head_dim=128, head_depth=4, head_heads=4, head_out=128),
-    ("transformer", "full"): dict(head_dim=256, head_depth=10, head_heads=16, head_out=512),
-    ("ffn", "small"): dict(head_dim=None, head_depth=2, head_heads=1, head_out=128),
-    ("ffn", "full"): dict(head_dim=None, head_depth=2, head_heads=1, head_out=128),
+TRANSFORMER_HEAD = {
+    "small": dict(head_dim=128, head_depth=4, head_heads=4, head_out=128),  # narrower on CPUs
+    "full": dict(head_dim=256, head_depth=10, head_heads=16, head_out=512),  # the authors' code
 }
-HEAD_FIELDS = ("head_dim", "head_depth", "head_heads", "head_out")
+# --head ffn: SimCLR's head, Linear(D, D)-BN-ReLU-Linear(D, 128), on every dataset (Chen et al.
+# 2020, Sec. 2 and B.9; lightly's CIFAR benchmark); --head-depth 10 is the authors' deep MLP.
+SIMCLR_HEAD = dict(head_dim=None, head_depth=2, head_heads=1, head_out=128)  # head_dim None: D
 FEATURE_DIM = {"tiny": 256, "resnet18": 512, "resnet34": 512, "resnet50": 2048}  # D of each backbone f
-CKPT_FORMAT = "deep-fusion/2"  # 2: "opt" holds a list of optimizer states
+CKPT_FORMAT = "deep-fusion/3"  # 2: a list of optimizer states; 3: FFNHead is an nn.Sequential
 # Fields that do not change the training maths: a resumed run may set them anew.
 RUNTIME_ONLY = set("resume device compile workers log_every out_dir run_name benchmark bench_steps".split())
 
@@ -143,48 +137,41 @@ class DeepFusionError(Exception):
         self.code = code
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line instead of usage + traceback, with a close spelling
-        words = message.split("'")[1:2] or message.split(": ", 1)[-1].split()
-        options = [o for a in self._actions for o in a.option_strings + list(a.choices or [])]
-        hint = next((m for w in words for m in difflib.get_close_matches(w.split("=")[0], options, 1)), None)
-        raise DeepFusionError(message + (f"; did you mean {hint}?" if hint else "; see --help"))
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, not the usage block
+        raise DeepFusionError(f"{message}; see --help")
 
 
-def build_parser():
-    p = _Parser(description=__doc__.split("\n")[0], allow_abbrev=False, argument_default=argparse.SUPPRESS)
-    hints = typing.get_type_hints(Config)
+def parse_flags(argv=None) -> dict:
+    """The flags given, as {field: value}: every Config field is a flag (batch_size: --batch-size)."""
+    p = Parser(description=__doc__.split("\n")[0], allow_abbrev=False, argument_default=argparse.SUPPRESS)
     for fld in dataclasses.fields(Config):
-        flag, meta = "--" + fld.name.replace("_", "-"), fld.metadata
-        kind = [t for t in typing.get_args(hints[fld.name]) if t is not type(None)] or [hints[fld.name]]
-        if kind[0] is bool:
-            p.add_argument(flag, action="store_true", help=meta["help"])
+        flag, text = "--" + fld.name.replace("_", "-"), fld.metadata["help"]
+        if fld.type is bool:
+            p.add_argument(flag, action="store_true", help=text)
             continue
+        kind = typing.get_args(fld.type)[0] if fld.default is None else type(fld.default)  # int | None -> int
         default = "per dataset" if fld.default is None else fld.default
-        p.add_argument(flag, type=kind[0], choices=meta["choices"], help=f"{meta['help']} (default: {default})")
-    return p
+        p.add_argument(flag, type=kind, choices=fld.metadata["choices"], help=f"{text} (default: {default})")
+    return vars(p.parse_args(argv))
 
 
 def resolve(cfg: Config) -> Config:
-    """Fill the None fields from the dataset's and the head's presets."""
+    """Fill the None fields from the presets of the run's size and head."""
     size = "small" if cfg.dataset == "synthetic" else "full"
-    preset = {**PRESETS[size], **HEAD_PRESETS[cfg.head, size]}
+    preset = PRESETS[size] | (SIMCLR_HEAD if cfg.head == "ffn" else TRANSFORMER_HEAD[size])
     preset["batch_size"] = 512 if cfg.benchmark else preset["batch_size"]  # the benchmark's batch: 512 everywhere
     cfg = dataclasses.replace(cfg, **{k: v for k, v in preset.items() if getattr(cfg, k) is None})
     return dataclasses.replace(cfg, head_dim=cfg.head_dim or FEATURE_DIM[cfg.arch])  # FFN hidden width = D
 
 
-def parse_args(argv=None) -> Config:
-    return resolve(Config(**vars(build_parser().parse_args(argv))))
-
-
-POSITIVE = "epochs batch_size lr tau knn_k knn_t head_dim head_depth head_heads head_out image_size".split()
-POSITIVE += "synthetic_train synthetic_test attn_batch bench_steps log_every head_lr".split()
+POSITIVE = "epochs batch_size lr tau knn_k knn_t head_dim head_depth head_heads head_out image_size head_lr".split()
+POSITIVE += "synthetic_train synthetic_test attn_batch bench_steps log_every".split()
 NON_NEGATIVE = "attn_scale head_wd weight_decay momentum warmup_epochs eval_every linear_epochs workers".split()
 
 
 def check_config(cfg: Config):
-    """Every mistake a user can make on the command line, caught before any download or write."""
+    """Every flag mistake, caught before any download or write (the data's sizes: load_dataset)."""
     for name in POSITIVE + NON_NEGATIVE:
         value = getattr(cfg, name)
         if value < 0 or (value == 0 and name in POSITIVE):
@@ -203,13 +190,6 @@ def check_config(cfg: Config):
         raise DeepFusionError("--device cuda: no CUDA GPU is visible; use --device cpu or auto")
     if cfg.device == "mps" and not torch.backends.mps.is_available():
         raise DeepFusionError("--device mps: Apple MPS is not available; use --device cpu or auto")
-    n_train, n_classes = dataset_size(cfg)
-    if cfg.batch_size > n_train:
-        raise DeepFusionError(f"--batch-size {cfg.batch_size} exceeds the {n_train} training images; lower it")
-    if cfg.knn_k > n_train:
-        raise DeepFusionError(f"--knn-k {cfg.knn_k} exceeds the {n_train}-image bank; use --knn-k {n_train} or less")
-    if n_classes < 2:
-        raise DeepFusionError(f"--data-dir {cfg.data_dir}: kNN and linear probe need at least 2 classes")
 
 
 # ---- 2. Data and augmentation ----------------------------------------------------------
@@ -251,68 +231,58 @@ def synthetic_dataset(n, seed, size=32, n_classes=10, glyph=11, copies=(3, 7)):
     return torch.from_numpy(x), torch.from_numpy(y)
 
 
-def image_folders(root, size=None):
-    """torchvision ImageFolders of root/train and root/val, checked to hold the same classes;
-    each image is decoded as RGB and, with `size`, resized to (size, size) when read."""
-    from torchvision.transforms import v2
-
-    root, sets = Path(root), {}
+def read_image_folders(root, size):
+    """root/train and root/val through torchvision's ImageFolder, decoded as RGB and resized to
+    (size, size): [x_train, y_train, x_test, y_test]. A broken file is reported by its path."""
+    root, sets, out = Path(root), [], []
     if not root.is_dir():
         raise DeepFusionError(f"--data-dir {root}: no such folder; give a folder holding train/ and val/")
-    resize = v2.Compose([v2.Resize((size, size)), v2.PILToTensor()]) if size else None
-    for split in ("train", "val"):
+    for d in (root / "train", root / "val"):
         try:  # a missing folder, no class folders, or class folders without images
-            sets[split] = torchvision.datasets.ImageFolder(root / split, transform=resize)
+            sets.append(torchvision.datasets.ImageFolder(d, v2.Compose([v2.Resize((size, size)), v2.PILToTensor()])))
         except FileNotFoundError as e:
-            d = root / split
-            raise DeepFusionError(
-                f"--data-dir {root}: {d} has no class folders with images ({e}); expected {d}/<class>/<image>"
-            ) from None
-    if sets["train"].classes != sets["val"].classes:
-        diff = sorted(set(sets["train"].classes) ^ set(sets["val"].classes))[:3]
+            fix = f"expected {d}/<class>/<image>"
+            raise DeepFusionError(f"--data-dir {root}: {d} has no class folders with images ({e}); {fix}") from None
+    if sets[0].classes != sets[1].classes:
+        diff = sorted(set(sets[0].classes) ^ set(sets[1].classes))[:3]
         raise DeepFusionError(f"--data-dir {root}: train/ and val/ class folders differ (e.g. {diff}); match them")
-    return sets
-
-
-def read_images(folder):
-    """Every image of an ImageFolder as uint8 (n, 3, size, size), with its labels (n,); a
-    broken file is reported by its path."""
-    x = []
-    for i, (path, _) in enumerate(folder.samples):
-        try:
-            x.append(folder[i][0])
-        except Exception as e:
-            raise DeepFusionError(f"cannot read image {path}: {e}; remove or replace the file") from None
-    return torch.stack(x), torch.tensor(folder.targets)
-
-
-def dataset_size(cfg):
-    """(training images, classes), known without downloading anything."""
-    if cfg.dataset == "imagefolder":
-        train = image_folders(cfg.data_dir)["train"]
-        return len(train), len(train.classes)
-    return {"synthetic": (cfg.synthetic_train, 10), "cifar10": (50000, 10), "cifar100": (50000, 100)}[cfg.dataset]
+    for folder in sets:
+        print(f"reading {len(folder)} images from {folder.root}", flush=True)
+        x = []
+        for i, (path, _) in enumerate(folder.samples):
+            try:
+                x.append(folder[i][0])  # (3, size, size) uint8
+            except Exception as e:
+                raise DeepFusionError(f"cannot read image {path}: {e}; remove or replace the file") from None
+        out += [torch.stack(x), torch.tensor(folder.targets)]
+    return out
 
 
 def load_dataset(cfg):
-    """(x_train, y_train, x_test, y_test): uint8 (n, 3, H, W) and int64 (n,) CPU tensors."""
+    """(x_train, y_train, x_test, y_test): uint8 (n, 3, H, W) and int64 (n,) CPU tensors, checked
+    against the flags that depend on them before anything is written."""
     if cfg.dataset == "synthetic":
-        return (*synthetic_dataset(cfg.synthetic_train, cfg.seed), *synthetic_dataset(cfg.synthetic_test, cfg.seed + 1))
-    if cfg.dataset == "imagefolder":
-        sets, out = image_folders(cfg.data_dir, cfg.image_size), []
-        for split in ("train", "val"):
-            print(f"reading {len(sets[split])} {split} images from {cfg.data_dir}", flush=True)
-            out += read_images(sets[split])
-        return tuple(out)
-    cls = torchvision.datasets.CIFAR10 if cfg.dataset == "cifar10" else torchvision.datasets.CIFAR100
-    try:
-        sets = [cls(cfg.data_dir, train=t, download=True) for t in (True, False)]
-    except Exception as e:  # no network, disk full, corrupt archive
-        fix = "check the network or use --dataset synthetic"
-        raise DeepFusionError(
-            f"--dataset {cfg.dataset}: cannot get it into --data-dir {cfg.data_dir} ({e}); {fix}"
-        ) from None
-    return tuple(t for s in sets for t in (torch.from_numpy(s.data).permute(0, 3, 1, 2), torch.tensor(s.targets)))
+        data = (*synthetic_dataset(cfg.synthetic_train, cfg.seed), *synthetic_dataset(cfg.synthetic_test, cfg.seed + 1))
+    elif cfg.dataset == "imagefolder":
+        data = read_image_folders(cfg.data_dir, cfg.image_size)
+    else:
+        cls = torchvision.datasets.CIFAR10 if cfg.dataset == "cifar10" else torchvision.datasets.CIFAR100
+        try:
+            sets = [cls(cfg.data_dir, train=t, download=True) for t in (True, False)]
+        except Exception as e:  # no network, disk full, corrupt archive
+            fix = "check the network or use --dataset synthetic"
+            raise DeepFusionError(
+                f"--dataset {cfg.dataset}: cannot get it into --data-dir {cfg.data_dir} ({e}); {fix}"
+            ) from None
+        data = [t for s in sets for t in (torch.from_numpy(s.data).permute(0, 3, 1, 2), torch.tensor(s.targets))]
+    n = len(data[0])
+    if cfg.batch_size > n:
+        raise DeepFusionError(f"--batch-size {cfg.batch_size} exceeds the {n} training images; lower it")
+    if cfg.knn_k > n:
+        raise DeepFusionError(f"--knn-k {cfg.knn_k} exceeds the {n}-image bank; use --knn-k {n} or less")
+    if len(data[1].unique()) < 2:
+        raise DeepFusionError(f"--data-dir {cfg.data_dir}: kNN and linear probe need at least 2 classes")
+    return tuple(data)
 
 
 # SimCLR's CIFAR augmentation (Chen et al. 2020, App. B.9; lightly's SimCLRTransform): crop
@@ -381,8 +351,6 @@ def augment(x, gen, mean, std, size=None):
 
 def per_image_transform(mean, std, size):
     """The standard per-image torchvision pipeline, same parameters (--aug cpu, benchmark)."""
-    from torchvision.transforms import v2
-
     crop = v2.RandomResizedCrop(size, scale=CROP_SCALE, ratio=CROP_RATIO, antialias=True)
     jitter = v2.RandomApply([v2.ColorJitter(*JITTER)], p=P_JITTER)
     to_float = v2.ToDtype(torch.float32, scale=True)
@@ -425,19 +393,15 @@ def make_backbone(arch, image_size=32):
 # ---- 4. Projection heads g -------------------------------------------------------------
 
 
-class FFNHead(nn.Module):
-    """SimCLR MLP: (depth - 1) x [Linear, BN, ReLU], then Linear. depth=2 is SimCLR's head."""
+class FFNHead(nn.Sequential):
+    """SimCLR's MLP: (depth - 1) x [Linear, BN, ReLU], then Linear; depth 2 is SimCLR's head.
+    (2N, D) -> (2N, out): each row on its own, BatchNorm statistics aside."""
 
     def __init__(self, in_dim, hidden_dim, out_dim, depth=2):
-        super().__init__()
-        dims = [in_dim] + [hidden_dim] * (depth - 1)
-        layers = [
-            m for i, o in zip(dims, dims[1:]) for m in (nn.Linear(i, o), nn.BatchNorm1d(o), nn.ReLU(inplace=True))
-        ]
-        self.net = nn.Sequential(*layers, nn.Linear(dims[-1], out_dim))
-
-    def forward(self, h):  # (2N, D) -> (2N, out), each row on its own (BN aside)
-        return self.net(h)
+        dims, layers = [in_dim] + [hidden_dim] * (depth - 1), []
+        for i, o in zip(dims, dims[1:]):
+            layers += [nn.Linear(i, o), nn.BatchNorm1d(o), nn.ReLU(inplace=True)]
+        super().__init__(*layers, nn.Linear(dims[-1], out_dim))
 
 
 class Attention(nn.Module):
@@ -471,7 +435,7 @@ class Attention(nn.Module):
             s = s.masked_fill(~mask, float("-inf"))
         A = torch.softmax(s, dim=-1).to(v.dtype).expand(1, self.heads, n, n)  # (1, H, n, n)
         y = A @ v  # (1, H, n, m)
-        return self.proj(y[0].transpose(0, 1).reshape(n, d)), A[0]
+        return self.proj(y[0].transpose(0, 1).reshape(n, d)), A[0]  # heads side by side: (n, d)
 
 
 class Block(nn.Module):
@@ -505,10 +469,9 @@ class TransformerHead(nn.Module):
         self.bn = nn.BatchNorm1d(out_dim)
 
     def forward(self, h, return_attention=False, paired=True):  # h (2N, D); paired: rows i, i + N are one image
-        n = h.shape[0]
-        mask = (
-            ~torch.eye(n, dtype=torch.bool, device=h.device).roll(n // 2, 1) if self.mask_partner and paired else None
-        )
+        n, mask = h.shape[0], None
+        if self.mask_partner and paired:  # False at (i, i + N mod 2N)
+            mask = ~torch.eye(n, dtype=torch.bool, device=h.device).roll(n // 2, 1)  # (2N, 2N)
         x, attns = self.embed(h), []  # (2N, d)
         for block in self.blocks:
             x, A = block(x, mask, return_attention)
@@ -517,20 +480,12 @@ class TransformerHead(nn.Module):
         return (z, attns) if return_attention else z
 
 
-def make_head(cfg, in_dim):
+def make_head(cfg, D):
+    """The projection head g of the config, on backbone features of size D."""
     if cfg.head == "ffn":
-        return FFNHead(in_dim, cfg.head_dim, cfg.head_out, cfg.head_depth)
-    return TransformerHead(
-        in_dim,
-        cfg.head_dim,
-        cfg.head_depth,
-        cfg.head_heads,
-        cfg.head_out,
-        cfg.mask_partner,
-        mode=cfg.attn,
-        tied=cfg.qk_tied,
-        scale=cfg.attn_scale,
-    )
+        return FFNHead(D, cfg.head_dim, cfg.head_out, cfg.head_depth)
+    attn = dict(mode=cfg.attn, tied=cfg.qk_tied, scale=cfg.attn_scale)
+    return TransformerHead(D, cfg.head_dim, cfg.head_depth, cfg.head_heads, cfg.head_out, cfg.mask_partner, **attn)
 
 
 # ---- 5. Loss ---------------------------------------------------------------------------
@@ -550,34 +505,40 @@ def nt_xent(z1, z2, tau):
 # ---- 6. Training -----------------------------------------------------------------------
 
 
-def pick_device(name):
-    if name != "auto":
-        return torch.device(name)
-    return torch.device("cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu")
+def setup_distributed(cfg):
+    """The device; under torchrun (WORLD_SIZE > 1) also join the process group, nccl on CUDA and
+    gloo on CPU, with a timeout so that a lost rank ends the run instead of hanging it."""
+    auto = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    device = torch.device(auto if cfg.device == "auto" else cfg.device)
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:  # one process: no process group
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(minutes=30))
+    return device
+
+
+def world():
+    """(rank, number of processes); (0, 1) without a process group."""
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
 
 
 def autocast_for(device, precision):
     """(autocast context, GradScaler needed): bf16 on CUDA, fp16 + scaler where bf16 is missing."""
     if precision == "auto":
         precision = "fp32" if device.type != "cuda" else "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    if precision == "fp32":
-        return nullcontext(), False
-    return torch.autocast(
-        device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16
-    ), precision == "fp16"
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)  # fp32: None, autocast off
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None), precision == "fp16"
 
 
 def make_optimizers(cfg, f, g, device):
-    """SGD with momentum for f and g, lr scaled by N/128 (SimCLR CIFAR recipe); with
-    --head-opt adamw, AdamW for g instead (the usual Transformer optimizer), weight decay
-    only on its matrices. Each group keeps its peak lr as base_lr for the schedule."""
+    """SGD with momentum for f and g, lr scaled by N/128 (SimCLR CIFAR recipe); with --head-opt
+    adamw, AdamW for g instead (the usual Transformer optimizer), weight decay only on its
+    matrices. Each parameter group keeps its peak lr as base_lr for the schedule."""
     fused = {"fused": True} if device.type == "cuda" else {}
-    sgd_lr = cfg.lr * cfg.batch_size / 128
-    head = [*g.parameters()] if cfg.head_opt == "sgd" else []
-    sgd = torch.optim.SGD(
-        [*f.parameters(), *head], lr=sgd_lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, **fused
-    )
-    opts = [sgd]
+    params = [*f.parameters(), *(g.parameters() if cfg.head_opt == "sgd" else [])]
+    lr = cfg.lr * cfg.batch_size / 128
+    opts = [torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, **fused)]
     if cfg.head_opt == "adamw":
         mats = [p for p in g.parameters() if p.dim() > 1]
         rest = [p for p in g.parameters() if p.dim() <= 1]  # norms and biases: no decay
@@ -586,6 +547,20 @@ def make_optimizers(cfg, f, g, device):
     for group in (group for opt in opts for group in opt.param_groups):
         group["base_lr"] = group["lr"]
     return opts
+
+
+def build(cfg, image_size, device):
+    """f and g from the seed, on the device (compiled in place with --compile), their optimizers,
+    the autocast context and the GradScaler."""
+    torch.manual_seed(cfg.seed)
+    f, D = make_backbone(cfg.arch, image_size)
+    if cfg.sync_bn and world()[1] > 1:  # BN statistics over the global batch, as in one process
+        f = nn.SyncBatchNorm.convert_sync_batchnorm(f)
+    f, g = f.to(device), make_head(cfg, D).to(device)
+    for net in (f, g) if cfg.compile else ():  # in place: state_dict keys stay the same
+        net.compile()
+    amp, use_scaler = autocast_for(device, cfg.precision)
+    return f, g, make_optimizers(cfg, f, g, device), amp, torch.amp.GradScaler(device.type, enabled=use_scaler)
 
 
 def warmup_steps(cfg, steps):
@@ -598,25 +573,6 @@ def lr_at(step, total, warmup, base):
     if step < warmup:
         return base * (step + 1) / warmup
     return base * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
-
-
-def setup_distributed(cfg):
-    """Under torchrun (RANK, WORLD_SIZE, LOCAL_RANK in the environment) join the process group:
-    nccl on CUDA, gloo on CPU, with a timeout so a lost rank ends the run instead of hanging
-    it. Returns the device. One process: no process group is created."""
-    device = pick_device(cfg.device)
-    if int(os.environ.get("WORLD_SIZE", 1)) == 1:
-        return device
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(minutes=30))
-    return device
-
-
-def world():
-    """(rank, number of processes); (0, 1) without a process group."""
-    return (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
 
 
 def gather_tokens(h):
@@ -638,7 +594,7 @@ def average_gradients(opts):
     if G == 1:
         return
     grads = [p.grad for opt in opts for group in opt.param_groups for p in group["params"] if p.grad is not None]
-    flat = torch.cat([gr.flatten() for gr in grads])
+    flat = torch.cat([gr.flatten() for gr in grads])  # (all parameters,)
     dist.all_reduce(flat)
     for gr, mean in zip(grads, flat.div_(G).split([gr.numel() for gr in grads])):
         gr.copy_(mean.view_as(gr))
@@ -684,20 +640,14 @@ def batches(cfg, x, epoch, start, gen, device, mean, std):
 
 
 def save_checkpoint(path, state):
-    """Atomic: write a temporary file, fsync, rename, fsync the folder. A kill at any moment
-    leaves the previous complete checkpoint or the new one, never a torn file."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
+    """Atomic: write a temporary file, fsync it, rename it over the old one. A kill at any
+    moment leaves the previous complete checkpoint or the new one, never a torn file."""
+    tmp = Path(path).with_suffix(".tmp")
     with open(tmp, "wb") as fh:
         torch.save(state, fh)
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
-    folder = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(folder)
-    finally:
-        os.close(folder)
 
 
 def load_checkpoint(path):
@@ -706,7 +656,7 @@ def load_checkpoint(path):
         raise DeepFusionError(f"--resume {path}: no such file; give the checkpoint.pt of a run folder")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
+    except pickle.UnpicklingError as e:  # what weights_only refuses
         why = str(e).splitlines()[0][:100]
         raise DeepFusionError(
             f"--resume {path}: refused, it holds more than weights ({why}); load only trusted files"
@@ -715,9 +665,10 @@ def load_checkpoint(path):
         raise DeepFusionError(
             f"--resume {path}: not a readable checkpoint ({type(e).__name__}), maybe truncated"
         ) from None
-    if isinstance(ckpt, dict) and ckpt.get("format") == "deep-fusion/1":  # one optimizer, before --head-opt
-        raise DeepFusionError(f"--resume {path}: written by an older deep_fusion.py (format 1); start a new run")
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CKPT_FORMAT:
+    fmt = str(ckpt.get("format")) if isinstance(ckpt, dict) else ""
+    if fmt.startswith("deep-fusion/") and fmt != CKPT_FORMAT:
+        raise DeepFusionError(f"--resume {path}: written by an older deep_fusion.py ({fmt}); start a new run")
+    if fmt != CKPT_FORMAT:
         raise DeepFusionError(f"--resume {path}: not a deep_fusion.py checkpoint; give a run folder's checkpoint.pt")
     return ckpt
 
@@ -732,10 +683,6 @@ def config_for_resume(given: dict):
     if clash:
         raise DeepFusionError(f"--resume {given['resume']}: checkpoint is from another config: {', '.join(clash)}")
     return Config(**{**saved, **{k: v for k, v in given.items() if k in RUNTIME_ONLY}}), ckpt
-
-
-def fmt_time(s):
-    return f"{int(s // 3600)}h{int(s % 3600 // 60):02d}m" if s >= 3600 else f"{int(s // 60)}m{int(s % 60):02d}s"
 
 
 def check_finite(first_bad, epoch, ckpt_path):
@@ -766,65 +713,53 @@ def check_collapse(row, knn_init, cfg, done, warmup, ckpt_path):
 def train(cfg, run_dir, data, device, ckpt=None):
     """SimCLR training of f and g; checkpoints every epoch (and on Ctrl-C). Returns (f, g, history).
     Under torchrun every rank trains; only rank 0 evaluates and writes."""
-    mean, std = MEAN_STD[cfg.dataset]
     rank0 = world()[0] == 0
     if device.type == "cpu":  # denormal floats in a collapsing net's backward slow a CPU >15x
         torch.set_flush_denormal(True)
-    torch.manual_seed(cfg.seed)
-    f, D = make_backbone(cfg.arch, data[0].shape[-1])
-    if cfg.sync_bn and world()[1] > 1:  # BN statistics over the global batch, as one process
-        f = nn.SyncBatchNorm.convert_sync_batchnorm(f)
-    f, g = f.to(device), make_head(cfg, D).to(device)
-    opts = make_optimizers(cfg, f, g, device)
-    amp, use_scaler = autocast_for(device, cfg.precision)
-    scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
-    epoch, start, history, ep_sum = 0, 0, [], 0.0
+    f, g, opts, amp, scaler = build(cfg, data[0].shape[-1], device)
+    epoch, start, history, ep_sum = 0, 0, [{"epoch": 0}], 0.0
     if ckpt is not None:
-        f.load_state_dict(ckpt["f"]), g.load_state_dict(ckpt["g"])
+        f.load_state_dict(ckpt["f"])
+        g.load_state_dict(ckpt["g"])
         for opt, saved in zip(opts, ckpt["opt"]):
             opt.load_state_dict(saved)
         scaler.load_state_dict(ckpt["scaler"])
         epoch, start, history, ep_sum = ckpt["epoch"], ckpt["step"], ckpt["history"], ckpt["epoch_loss_sum"]
         print(f"resumed from {cfg.resume} at epoch {epoch} step {start}", flush=True)
-    else:
-        history.append({"epoch": 0, "knn_acc": evaluate_knn(cfg, f, data, device) if rank0 else None})  # random init
-    fc, gc = (torch.compile(f), torch.compile(g)) if cfg.compile else (f, g)
+    elif rank0:  # the random-init baseline of every monitor
+        history[0] |= evaluate(cfg, f, g, data, device, run_dir)
     gen = torch.Generator(device=device)
     x = data[0].to(device) if cfg.aug == "device" else data[0]  # the whole set, uint8, on the device
     steps = len(x) // cfg.batch_size
-    total = cfg.epochs * steps
-    warmup = warmup_steps(cfg, steps)
+    total, warmup = cfg.epochs * steps, warmup_steps(cfg, steps)
     ckpt_path, t0, done0 = run_dir / "checkpoint.pt", time.time(), epoch * steps + start
     ep_sum = torch.tensor(ep_sum, device=device)  # loss summed over this epoch's steps
 
-    def state(ep, st, ep_loss_sum):
-        nets = {
-            "f": f.state_dict(),
-            "g": g.state_dict(),
-            "opt": [o.state_dict() for o in opts],
-            "scaler": scaler.state_dict(),
-        }
-        return {"format": CKPT_FORMAT, "config": dataclasses.asdict(cfg), "epoch": ep, "step": st,
-                "epoch_loss_sum": ep_loss_sum, "history": history, **nets}  # fmt: skip
+    def state(epoch, step, epoch_loss_sum):  # all that resume needs
+        nets = dict(f=f.state_dict(), g=g.state_dict(), opt=[o.state_dict() for o in opts], scaler=scaler.state_dict())
+        meta = dict(format=CKPT_FORMAT, config=dataclasses.asdict(cfg), history=history)
+        return dict(meta, epoch=epoch, step=step, epoch_loss_sum=epoch_loss_sum, **nets)
 
     while epoch < cfg.epochs:
-        fc.train(), gc.train()
+        f.train()
+        g.train()
         log_sum, first_bad = torch.zeros((), device=device), torch.tensor(-1, device=device)
         t_log, n_log, done = time.time(), 0, start
         try:
-            for step, v1, v2 in batches(cfg, x, epoch, start, gen, device, mean, std):
+            for step, v1, v2 in batches(cfg, x, epoch, start, gen, device, *MEAN_STD[cfg.dataset]):
                 gstep = epoch * steps + step
                 for group in (group for opt in opts for group in opt.param_groups):
                     group["lr"] = lr_at(gstep, total, warmup, group["base_lr"])
-                loss = train_step(fc, gc, opts, scaler, v1, v2, cfg.tau, amp)
+                loss = train_step(f, g, opts, scaler, v1, v2, cfg.tau, amp)
                 done, n_log, log_sum, ep_sum = step + 1, n_log + 1, log_sum + loss, ep_sum + loss
                 first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), gstep, first_bad)  # no sync
                 if done % cfg.log_every == 0 or done == steps:
                     check_finite(first_bad, epoch, ckpt_path)  # the host sync: once per progress line
-                    now, eta = time.time(), (time.time() - t0) / max(1, gstep + 1 - done0) * (total - gstep - 1)
-                    lr, speed = opts[0].param_groups[0]["lr"], n_log * cfg.batch_size / (now - t_log)
+                    now, lr = time.time(), opts[0].param_groups[0]["lr"]
+                    eta = datetime.timedelta(seconds=round((now - t0) / (gstep + 1 - done0) * (total - gstep - 1)))
+                    speed = n_log * cfg.batch_size / (now - t_log)
                     print(f"epoch {epoch + 1}/{cfg.epochs} step {done}/{steps} | loss {log_sum.item() / n_log:.4f} | "
-                          f"lr {lr:.4f} | {speed:.0f} img/s | eta {fmt_time(eta)}", flush=True)  # fmt: skip
+                          f"lr {lr:.4f} | {speed:.0f} img/s | eta {eta}", flush=True)  # fmt: skip
                     log_sum, t_log, n_log = torch.zeros_like(log_sum), now, 0
         except KeyboardInterrupt:
             check_finite(first_bad, epoch, ckpt_path)
@@ -835,19 +770,12 @@ def train(cfg, run_dir, data, device, ckpt=None):
                 f"interrupted at epoch {epoch + 1} step {done}; saved; continue with: {resume}", 130
             ) from None
         epoch, start = epoch + 1, 0
-        row = {
-            "epoch": epoch,
-            "loss": ep_sum.item() / steps,
-            "lr": opts[0].param_groups[0]["lr"],
-            "time_s": round(time.time() - t0, 2),
-        }
+        row = {"epoch": epoch, "loss": ep_sum.item() / steps, "lr": opts[0].param_groups[0]["lr"]}
+        row["time_s"] = round(time.time() - t0, 2)
         ep_sum = torch.zeros_like(ep_sum)
         if rank0 and ((cfg.eval_every and epoch % cfg.eval_every == 0) or epoch == cfg.epochs):
-            row["knn_acc"] = evaluate_knn(cfg, f, data, device)
-            if cfg.head == "transformer":  # does fusion emerge as training goes on?
-                report = fusion_report(*attention_maps(cfg, f, g, data[2], data[3], device))
-                row |= {k: report[k] for k in ("fusion", "fusion_chance", "partner_mass")}
-        check_collapse(row, history[0]["knn_acc"], cfg, epoch * steps, warmup, ckpt_path)
+            row |= evaluate(cfg, f, g, data, device, run_dir)
+        check_collapse(row, history[0].get("knn_acc"), cfg, epoch * steps, warmup, ckpt_path)
         history.append(row)
         if rank0:
             save_checkpoint(ckpt_path, state(epoch, 0, 0.0))  # before the metrics file, which never runs ahead
@@ -878,14 +806,9 @@ def knn_accuracy(train_h, train_y, test_h, test_y, k=200, t=0.1, chunk=1024):
     C, correct = int(train_y.max()) + 1, torch.zeros((), device=train_h.device)
     for i in range(0, len(test_h), chunk):
         sim, idx = (test_h[i : i + chunk] @ train_h.T).topk(k, dim=1)  # (b, k)
-        votes = torch.zeros(len(sim), C, device=sim.device).scatter_add_(1, train_y[idx], (sim / t).exp())
+        votes = torch.zeros(len(sim), C, device=sim.device).scatter_add_(1, train_y[idx], (sim / t).exp())  # (b, C)
         correct += (votes.argmax(1) == test_y[i : i + chunk]).sum()  # read once, at the end
     return correct.item() / len(test_h)
-
-
-def evaluate_knn(cfg, f, data, device):
-    h_train, h_test = (features(f, x, device, *MEAN_STD[cfg.dataset]) for x in (data[0], data[2]))
-    return knn_accuracy(h_train, data[1], h_test, data[3], cfg.knn_k, cfg.knn_t)
 
 
 def linear_probe(train_h, train_y, test_h, test_y, epochs=100, batch=256, seed=0):
@@ -901,7 +824,8 @@ def linear_probe(train_h, train_y, test_h, test_y, epochs=100, batch=256, seed=0
         for idx in torch.randperm(len(train_h), generator=gen, device=train_h.device).split(batch):
             opt.zero_grad()
             F.cross_entropy(clf(train_h[idx]), train_y[idx]).backward()
-            opt.step(), sched.step()
+            opt.step()
+            sched.step()
     with torch.no_grad():
         return (clf(test_h).argmax(1) == test_y).float().mean().item()
 
@@ -917,24 +841,17 @@ def fusion_score(attn, labels, pair):
     return (A * same).sum(1).mean().item(), (same.sum(1).float() / n).mean().item()
 
 
-@torch.no_grad()
-def transductive_1nn(cfg, g, h, y):
-    """The authors' protocol (AUTHORS.md), as a labelled second column: test images in batches
-    of N through f AND g (the Transformer head attends across each batch); each test sample
-    takes the label of its nearest other test sample (cosine, leave-one-out). The batches
-    follow a seeded random order: on a test set stored class by class, single-class batches
-    would let the head leak labels. h: backbone features (n, D) of the test set.
-    Returns (1-NN accuracy on head outputs z, the same on backbone features h)."""
-    g.eval()
-    order = torch.randperm(len(h), generator=torch.Generator().manual_seed(cfg.seed)).to(h.device)
-    h, y = h[order], y.to(h.device)[order]
-    z = torch.cat([g(hb, paired=False) if cfg.head == "transformer" else g(hb) for hb in h.split(cfg.batch_size)])
-    accs = []
-    for e in (z.float(), h):
-        e = F.normalize(e, dim=1)
-        sim = (e @ e.T).fill_diagonal_(float("-inf"))  # (n, n), no sample is its own neighbour
-        accs.append((y[sim.argmax(1)] == y).float().mean().item())
-    return accs
+def fusion_report(attn, labels, pair):
+    """Per layer of attn (L, heads, n, n): the fusion score (over heads) and per head, the
+    attention a token gives its partner view; and the chance level of the score."""
+    L, H, n, _ = attn.shape
+    scores = [fusion_score(attn[l], labels, pair) for l in range(L)]
+    return {
+        "fusion": [score for score, _ in scores],
+        "fusion_chance": scores[0][1],
+        "fusion_per_head": [[fusion_score(attn[l, k], labels, pair)[0] for k in range(H)] for l in range(L)],
+        "partner_mass": [attn[l].mean(0)[torch.arange(n), pair].mean().item() for l in range(L)],
+    }
 
 
 def balanced_sample(y, n, seed):
@@ -955,13 +872,13 @@ def attention_maps(cfg, f, g, x, y, device):
     """Every layer's attention on a labeled batch of both views, tokens sorted by class.
     Returns attn (L, heads, n, n), labels (n,), pair (n,) on the CPU, n = 2 * attn_batch."""
     mean, std = MEAN_STD[cfg.dataset]
-    f.eval(), g.eval()
+    f.eval()
+    g.eval()
     gen = torch.Generator(device=device).manual_seed(cfg.seed + 12345)
     idx = balanced_sample(y, cfg.attn_batch, cfg.seed)
     xb, yb = x[idx].to(device), y[idx]
-    _, attns = g(
-        f(torch.cat([augment(xb, gen, mean, std), augment(xb, gen, mean, std)])).float(), return_attention=True
-    )
+    h = f(torch.cat([augment(xb, gen, mean, std), augment(xb, gen, mean, std)])).float()  # (n, D)
+    attns = g(h, return_attention=True)[1]
     labels, pair = torch.cat([yb, yb]), torch.arange(2 * len(yb)).roll(len(yb))
     order = torch.argsort(labels, stable=True)
     rank = torch.argsort(order)  # the new position of each old token
@@ -982,18 +899,37 @@ def save_attention_png(attn, labels, path, scale=1):
     torchvision.utils.save_image(img, path, nrow=min(len(A), 5), padding=4, pad_value=1.0)
 
 
-def fusion_report(attn, labels, pair):
-    """Fusion score per layer (over heads) and per head, its chance level, partner-view mass."""
-    L, H, n, _ = attn.shape
-    layers = [fusion_score(attn[l], labels, pair) for l in range(L)]
-    per_head = [[fusion_score(attn[l, k], labels, pair)[0] for k in range(H)] for l in range(L)]
-    partner = [attn[l].mean(0)[torch.arange(n), pair].mean().item() for l in range(L)]
-    return {
-        "fusion": [s for s, _ in layers],
-        "fusion_chance": layers[0][1],
-        "fusion_per_head": per_head,
-        "partner_mass": partner,
-    }
+def evaluate(cfg, f, g, data, device, run_dir):
+    """The monitor: kNN accuracy of f's features; with the Transformer head also the fusion
+    report of g's attention on a labeled test batch, saved in run_dir as attention.pt and .png."""
+    h_train, h_test = (features(f, x, device, *MEAN_STD[cfg.dataset]) for x in (data[0], data[2]))
+    out = {"knn_acc": knn_accuracy(h_train, data[1], h_test, data[3], cfg.knn_k, cfg.knn_t)}
+    if cfg.head == "transformer":  # does fusion emerge as training goes on?
+        attn, labels, pair = attention_maps(cfg, f, g, data[2], data[3], device)
+        out |= fusion_report(attn, labels, pair)
+        torch.save({"attn": attn.half(), "labels": labels, "pair": pair}, run_dir / "attention.pt")
+        save_attention_png(attn, labels, run_dir / "attention.png")
+    return out
+
+
+@torch.no_grad()
+def transductive_1nn(cfg, g, h, y):
+    """The authors' protocol (AUTHORS.md), as a labelled second column: test images in batches
+    of N through f AND g (the Transformer head attends across each batch); each test sample
+    takes the label of its nearest other test sample (cosine, leave-one-out). The batches
+    follow a seeded random order: on a test set stored class by class, single-class batches
+    would let the head leak labels. h: backbone features (n, D) of the test set.
+    Returns (1-NN accuracy on head outputs z, the same on backbone features h)."""
+    g.eval()
+    order = torch.randperm(len(h), generator=torch.Generator().manual_seed(cfg.seed)).to(h.device)
+    h, y = h[order], y.to(h.device)[order]
+    z = torch.cat([g(hb, paired=False) if cfg.head == "transformer" else g(hb) for hb in h.split(cfg.batch_size)])
+    accs = []
+    for e in (z.float(), h):
+        e = F.normalize(e, dim=1)
+        sim = (e @ e.T).fill_diagonal_(float("-inf"))  # (n, n), no sample is its own neighbour
+        accs.append((y[sim.argmax(1)] == y).float().mean().item())
+    return accs
 
 
 # ---- 8. Theory: the objects of THEORY.md's two theorems -------------------------------
@@ -1034,13 +970,13 @@ def class_diameters(X, labels):
 
 def timed(fn, steps, device):
     """Seconds per call of fn, after two warm-up calls."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    for i in range(steps + 2):
-        if i == 2:
-            sync()
-            t = time.perf_counter()
+    for _ in range(2):
         fn()
-    sync()
+    torch.cuda.synchronize() if device.type == "cuda" else None
+    t = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    torch.cuda.synchronize() if device.type == "cuda" else None
     return (time.perf_counter() - t) / steps
 
 
@@ -1051,41 +987,38 @@ def peak_memory_mb(device):
 
 
 def benchmark(cfg, data, device):
-    """On one device and batch: (a) augmentation, batched vs per-image, img/s; (b) a training
-    step with each head, img/s; (c) the Transformer head's share of step time; (d) peak memory."""
+    """One device, one batch of N: augmentation img/s, batched vs per-image; a training step's
+    img/s with each head; the Transformer head's share of its step; peak memory."""
     x, (mean, std) = data[0][: cfg.batch_size], MEAN_STD[cfg.dataset]
     xd, gen = x.to(device), torch.Generator(device=device).manual_seed(cfg.seed)
     per_image, n_pi = per_image_transform(mean, std, x.shape[-1]), min(len(x), 256)
-    out = {"device": str(device), "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None}
-    out |= {"arch": cfg.arch, "batch_size": cfg.batch_size, "precision": cfg.precision}
-    out["aug_batched_img_s"] = len(x) / timed(lambda: augment(xd, gen, mean, std), cfg.bench_steps, device)
-    out["aug_per_image_img_s"] = n_pi / timed(
-        lambda: [per_image(i) for i in x[:n_pi]], max(1, cfg.bench_steps // 5), device
-    )
-    out["aug_speedup"] = out["aug_batched_img_s"] / out["aug_per_image_img_s"]
-    amp, use_scaler = autocast_for(device, cfg.precision)
+    r = {"device": str(device), "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None}
+    r |= {"arch": cfg.arch, "batch_size": cfg.batch_size, "precision": cfg.precision}
+    r["aug_batched_img_s"] = len(x) / timed(lambda: augment(xd, gen, mean, std), cfg.bench_steps, device)
+    per_image_s = timed(lambda: [per_image(i) for i in x[:n_pi]], max(1, cfg.bench_steps // 5), device)
+    r["aug_per_image_img_s"] = n_pi / per_image_s
+    r["aug_speedup"] = r["aug_batched_img_s"] / r["aug_per_image_img_s"]
     v1, v2 = augment(xd, gen, mean, std), augment(xd, gen, mean, std)
-    for head in ("ffn", "transformer"):
-        torch.manual_seed(cfg.seed)
-        f, D = make_backbone(cfg.arch, x.shape[-1])
-        hcfg = cfg if head == cfg.head else resolve(dataclasses.replace(cfg, head=head, **dict.fromkeys(HEAD_FIELDS)))
-        f, g = f.to(device), make_head(hcfg, D).to(device)
-        fc, gc = (torch.compile(f), torch.compile(g)) if cfg.compile else (f, g)
-        opts, scaler = make_optimizers(hcfg, f, g, device), torch.amp.GradScaler(enabled=use_scaler)
-        step_s = timed(
-            functools.partial(train_step, fc, gc, opts, scaler, v1, v2, cfg.tau, amp), cfg.bench_steps, device
-        )
-        out[f"step_img_s_{head}"] = len(x) / step_s
-    h = torch.randn(2 * len(x), D, device=device)
+    for head in ("ffn", "transformer"):  # the given head as configured, the other from its presets
+        hcfg = cfg if head == cfg.head else resolve(dataclasses.replace(cfg, head=head, **dict.fromkeys(SIMCLR_HEAD)))
+        f, g, opts, amp, scaler = build(hcfg, x.shape[-1], device)
+        step_s = timed(lambda: train_step(f, g, opts, scaler, v1, v2, cfg.tau, amp), cfg.bench_steps, device)  # noqa: B023
+        r[f"step_img_s_{head}"] = len(x) / step_s
+    h = torch.randn(2 * len(x), g.embed.in_features, device=device)  # (2N, D)
 
     def head_only():  # forward, loss and backward of the Transformer head alone, on 2N tokens
         with amp:
-            z = gc(h)
+            z = g(h)
         nt_xent(*z.float().chunk(2), cfg.tau).backward()
 
-    out["transformer_head_share"] = timed(head_only, cfg.bench_steps, device) / step_s
-    out["peak_memory_mb"] = peak_memory_mb(device)
-    return out
+    r["transformer_head_share"] = timed(head_only, cfg.bench_steps, device) / step_s
+    r["peak_memory_mb"] = peak_memory_mb(device)
+    for key, value in r.items():
+        print(f"{key:<28}{value:>12.2f}" if isinstance(value, float) else f"{key:<28}{value!s:>12}")
+    print(f"augmentation speed-up: {r['aug_speedup']:.1f}x")
+    Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
+    (Path(cfg.out_dir) / f"benchmark-{device.type}.json").write_text(json.dumps(r, indent=2))
+    return r
 
 
 # ---- 10. main --------------------------------------------------------------------------
@@ -1094,24 +1027,12 @@ def benchmark(cfg, data, device):
 def run(cfg, ckpt=None):
     """Train (or benchmark) with a checked config; write the run folder; return the results."""
     device, data = setup_distributed(cfg), load_dataset(cfg)
-    rank0 = world()[0] == 0
     if cfg.benchmark:
-        r = benchmark(cfg, data, device)
-        for key in ("aug_per_image_img_s", "aug_batched_img_s", "step_img_s_ffn", "step_img_s_transformer"):
-            print(f"{key:<28}{r[key]:>12.0f}")
-        print(
-            f"{'transformer_head_share':<28}{r['transformer_head_share']:>12.2f}\n{'peak_memory_mb':<28}{r['peak_memory_mb']:>12.0f}"
-        )
-        print(f"augmentation speed-up: {r['aug_speedup']:.1f}x")
-        Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
-        (Path(cfg.out_dir) / f"benchmark-{device.type}.json").write_text(json.dumps(r, indent=2))
-        return r
-    run_dir = (
-        Path(cfg.resume).parent
-        if ckpt
-        else Path(cfg.out_dir) / (cfg.run_name or f"{cfg.dataset}-{cfg.head}-{time.strftime('%Y%m%d-%H%M%S')}")
-    )
-    if not ckpt and rank0:
+        return benchmark(cfg, data, device)
+    rank0 = world()[0] == 0
+    name = cfg.run_name or f"{cfg.dataset}-{cfg.head}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_dir = Path(cfg.resume).parent if ckpt else Path(cfg.out_dir) / name
+    if rank0 and not ckpt:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
     print(f"run folder {run_dir} | device {device} | {cfg.arch} + {cfg.head} head | {len(data[0])} images", flush=True)
@@ -1119,26 +1040,20 @@ def run(cfg, ckpt=None):
     f, g, history = train(cfg, run_dir, data, device, ckpt)
     if not rank0:
         return {}
+    # The final epoch's monitor row holds kNN and fusion; the probes need the features again.
     h_train, h_test = (features(f, x, device, *MEAN_STD[cfg.dataset]) for x in (data[0], data[2]))
-    results = {
-        "knn_acc": knn_accuracy(h_train, data[1], h_test, data[3], cfg.knn_k, cfg.knn_t),
-        "knn_acc_init": history[0]["knn_acc"],
-    }
+    final = {k: v for k, v in history[-1].items() if k not in ("epoch", "loss", "lr", "time_s")}
+    results = {**final, "knn_acc_init": history[0]["knn_acc"]}
     results["linear_acc"] = linear_probe(h_train, data[1], h_test, data[3], cfg.linear_epochs, seed=cfg.seed)
     results["head_1nn_acc"], results["backbone_1nn_acc"] = transductive_1nn(cfg, g, h_test, data[3])
     results |= {"final_loss": history[-1]["loss"], "epochs": cfg.epochs, "device": str(device)}
     results |= {"train_time_s": round(time.time() - t0, 1), "peak_memory_mb": round(peak_memory_mb(device), 1)}
-    line = (
-        f"kNN {results['knn_acc']:.2%} (random init {results['knn_acc_init']:.2%}) | linear {results['linear_acc']:.2%}"
-    )
-    if cfg.head == "transformer":
-        attn, labels, pair = attention_maps(cfg, f, g, data[2], data[3], device)
-        results |= fusion_report(attn, labels, pair)
-        torch.save({"attn": attn.half(), "labels": labels, "pair": pair}, run_dir / "attention.pt")
-        save_attention_png(attn, labels, run_dir / "attention.png")
+    (run_dir / "results.json").write_text(json.dumps(results, indent=2))
+    line = f"kNN {results['knn_acc']:.2%} (random init {results['knn_acc_init']:.2%})"
+    line += f" | linear {results['linear_acc']:.2%}"
+    if "fusion" in results:
         by_layer = " ".join(f"{s:.2f}" for s in results["fusion"])
         line += f" | fusion by layer {by_layer} (chance {results['fusion_chance']:.2f})"
-    (run_dir / "results.json").write_text(json.dumps(results, indent=2))
     print(line, flush=True)
     return results
 
@@ -1148,7 +1063,7 @@ def main(argv=None) -> dict:
     rank = int(os.environ.get("RANK", 0))  # torchrun's; only rank 0 prints (print() is silent on None)
     try:
         with redirect_stdout(None) if rank else nullcontext():
-            given = vars(build_parser().parse_args(argv))
+            given = parse_flags(argv)
             cfg, ckpt = config_for_resume(given) if given.get("resume") else (resolve(Config(**given)), None)
             check_config(cfg)
             return run(cfg, ckpt)

@@ -26,6 +26,11 @@ TINY = (
 ).split()
 
 
+def parse_args(argv):
+    """The resolved Config of a command line, as main builds it."""
+    return df.resolve(df.Config(**df.parse_flags(argv)))
+
+
 def run_main(tmp_path, *extra, name="run"):
     return df.main([*TINY, "--out-dir", str(tmp_path), "--run-name", name, *extra])
 
@@ -101,14 +106,14 @@ def test_backbones_cifar_stem_and_feature_size(arch, D):
 
 @pytest.mark.parametrize("dataset", ["synthetic", "cifar10", "cifar100", "imagefolder"])
 def test_default_ffn_head_is_simclrs_two_layer_mlp(dataset):
-    cfg = df.parse_args(["--dataset", dataset, "--head", "ffn"])
+    cfg = parse_args(["--dataset", dataset, "--head", "ffn"])
     D = df.make_backbone(cfg.arch)[1]
     g = df.make_head(cfg, D)
     linears = [m for m in g.modules() if isinstance(m, torch.nn.Linear)]
     assert [(m.in_features, m.out_features) for m in linears] == [(D, D), (D, 128)]
-    deep = df.make_head(df.parse_args(["--dataset", dataset, "--head", "ffn", "--head-depth", "10"]), D)
+    deep = df.make_head(parse_args(["--dataset", dataset, "--head", "ffn", "--head-depth", "10"]), D)
     assert sum(isinstance(m, torch.nn.Linear) for m in deep.modules()) == 10  # the authors' depth-matched MLP
-    tf = df.parse_args(["--dataset", dataset])
+    tf = parse_args(["--dataset", dataset])
     assert tf.head == "transformer" and tf.head_depth == (4 if dataset == "synthetic" else 10)
 
 
@@ -410,8 +415,8 @@ def test_main_learns_on_synthetic(tmp_path, capsys):
     maps = torch.load(run / "attention.pt", weights_only=True)
     assert maps["attn"].shape == (4, 4, 256, 256)
     assert (maps["labels"].diff() >= 0).all()  # sorted by class
-    monitors = [row for row in history if "fusion" in row]  # fusion tracked at every kNN monitor epoch
-    assert [row["epoch"] for row in monitors] == [5, 8]
+    monitors = [row for row in history if "fusion" in row]  # fusion tracked at init and every kNN monitor epoch
+    assert [row["epoch"] for row in monitors] == [0, 5, 8]
     assert all(len(row["fusion"]) == len(row["partner_mass"]) == 4 for row in monitors)
     from PIL import Image
 
@@ -430,7 +435,7 @@ def test_head_options_train_together(tmp_path):
     assert all(p == 0 for p in r["partner_mass"]) and 0 <= r["knn_acc"] <= 1
     ckpt = df.load_checkpoint(tmp_path / "run" / "checkpoint.pt")
     assert len(ckpt["opt"]) == 2  # SGD for f, AdamW for g
-    cfg = df.parse_args(["--head-opt", "adamw"])
+    cfg = parse_args(["--head-opt", "adamw"])
     f, D = df.make_backbone(cfg.arch)
     g = df.make_head(cfg, D)
     sgd, adamw = df.make_optimizers(cfg, f, g, torch.device("cpu"))
@@ -453,7 +458,7 @@ def test_transductive_protocol_batches_a_random_order():
     on single-class batches (a test set stored class by class) it would score 100%."""
     g = torch.Generator().manual_seed(0)
     h, y = torch.randn(400, 8, generator=g), torch.arange(4).repeat_interleave(100)  # random features, sorted
-    cfg = df.parse_args(["--batch-size", "100"])
+    cfg = parse_args(["--batch-size", "100"])
     z = F.normalize(torch.cat([BatchMean()(hb) for hb in h.split(100)]), dim=1)  # single-class batches
     assert (y[(z @ z.T).fill_diagonal_(-2).argmax(1)] == y).all()  # the leak that the random order prevents
     head_acc, backbone_acc = df.transductive_1nn(cfg, BatchMean(), h, y)
@@ -571,7 +576,7 @@ def test_nan_loss_stops_with_step_and_keeps_checkpoint(tmp_path, capsys, monkeyp
 
 @pytest.mark.parametrize("epochs,warmup_epochs", [(10, 1), (200, 10), (1000, 10)])
 def test_warmup_is_capped_so_short_runs_decay(epochs, warmup_epochs):
-    cfg = df.parse_args(["--dataset", "cifar10", "--epochs", str(epochs)])
+    cfg = parse_args(["--dataset", "cifar10", "--epochs", str(epochs)])
     steps = 97  # 50,000 / 512
     warmup, total = df.warmup_steps(cfg, steps), epochs * steps
     assert warmup == warmup_epochs * steps
@@ -609,7 +614,7 @@ def test_collapse_stops_the_run_keeps_the_checkpoint_and_flushes_denormals(tmp_p
     ],
 )
 def test_collapse_rule(tmp_path, loss, knn, done, stops):
-    cfg = df.parse_args(["--batch-size", "128"])
+    cfg = parse_args(["--batch-size", "128"])
     row = {"epoch": 3, "loss": loss, "knn_acc": knn}
     if stops:
         with pytest.raises(df.DeepFusionError, match="collapsed"):
@@ -625,7 +630,7 @@ DIST_ARGS = "--batch-size 8 --head-dim 16 --head-depth 2 --head-heads 2 --head-o
 
 def one_step_setup(head):
     """Identical on every rank: config, f and g from one seed, optimizers, 8 images' two views."""
-    cfg = df.parse_args([*DIST_ARGS, "--head", head])
+    cfg = parse_args([*DIST_ARGS, "--head", head])
     torch.manual_seed(0)
     f, D = df.make_backbone("tiny")
     g = df.make_head(cfg, D)
@@ -633,6 +638,11 @@ def one_step_setup(head):
     gen = torch.Generator().manual_seed(0)
     v1, v2 = (df.augment(x, gen, *df.MEAN_STD["synthetic"]) for _ in range(2))
     return cfg, f, g, df.make_optimizers(cfg, f, g, torch.device("cpu")), v1, v2
+
+
+def named_parameters(f, g):
+    """(name, parameter) of f and g, prefixed: both may be an nn.Sequential with a '0.weight'."""
+    return [*f.named_parameters(prefix="f"), *g.named_parameters(prefix="g")]
 
 
 def dist_worker(head, out):
@@ -643,7 +653,7 @@ def dist_worker(head, out):
     shard = slice(rank * 8 // G, (rank + 1) * 8 // G)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     loss = df.train_step(f, g, opts, scaler, v1[shard], v2[shard], cfg.tau, torch.autocast("cpu", enabled=False))
-    torch.save({"loss": loss, **{n: p for n, p in [*f.named_parameters(), *g.named_parameters()]}}, f"{out}/{rank}.pt")
+    torch.save({"loss": loss, **dict(named_parameters(f, g))}, f"{out}/{rank}.pt")
     torch.distributed.destroy_process_group()
 
 
@@ -669,7 +679,7 @@ def test_torchrun_step_equals_one_process(tmp_path, head):
     ]
     assert [p.wait(timeout=120) for p in procs] == [0, 0]
     cfg, f, g, opts, v1, v2 = one_step_setup(head)
-    init = {n: p.detach().clone() for n, p in [*f.named_parameters(), *g.named_parameters()]}
+    init = {n: p.detach().clone() for n, p in named_parameters(f, g)}
     h = [f(torch.cat([v1[s], v2[s]])) for s in (slice(0, 4), slice(4, 8))]  # per shard: (2B, D) = [v1_s; v2_s]
     h = torch.cat([h[0][:4], h[1][:4], h[0][4:], h[1][4:]])  # (2N, D) = [v1; v2], in image order
     loss = df.nt_xent(*g(h).chunk(2), cfg.tau)
@@ -680,7 +690,7 @@ def test_torchrun_step_equals_one_process(tmp_path, head):
     for r in ranks:
         assert r.pop("loss").item() == pytest.approx(loss.item(), rel=1e-6)
     moved = 0
-    for name, p in [*f.named_parameters(), *g.named_parameters()]:
+    for name, p in named_parameters(f, g):
         for r in ranks:
             torch.testing.assert_close(r[name], p.detach(), rtol=1e-5, atol=1e-6, msg=name)
         moved += not torch.allclose(p, init[name])
@@ -710,11 +720,11 @@ def test_one_process_creates_no_process_group(tmp_path):
 @pytest.mark.parametrize(
     "argv,fragments",
     [
-        (["--dataset", "cifar"], ["--dataset", "did you mean cifar10"]),
+        (["--dataset", "cifar"], ["--dataset", "invalid choice", "cifar10", "see --help"]),
         (["--head", "mlp"], ["--head", "invalid choice"]),
-        (["--arch", "resnet19"], ["--arch", "did you mean resnet18"]),
+        (["--arch", "resnet19"], ["--arch", "resnet18"]),
         (["--device", "tpu"], ["--device"]),
-        (["--datset", "cifar10"], ["--datset", "did you mean --dataset"]),
+        (["--datset", "cifar10"], ["unrecognized arguments: --datset", "see --help"]),
         (["--epochs", "0"], ["--epochs 0", "positive"]),
         (["--epochs", "ten"], ["--epochs", "invalid int"]),
         (["--batch-size", "1"], ["--batch-size 1", "2 or more"]),
@@ -882,7 +892,7 @@ def test_augment_copies_nothing_from_the_host_per_call(monkeypatch):
 def test_cuda_training_steps_have_no_host_sync(head):
     """The loop body of train(): batches (on-device augmentation), the lr schedule, train_step
     and the NaN bookkeeping, under set_sync_debug_mode("error"): any host sync raises."""
-    cfg = df.parse_args([*TINY, "--head", head, "--device", "cuda"])
+    cfg = parse_args([*TINY, "--head", head, "--device", "cuda"])
     dev = torch.device("cuda")
     torch.manual_seed(0)
     f, D = df.make_backbone(cfg.arch)
