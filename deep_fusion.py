@@ -186,10 +186,9 @@ def check_config(cfg: Config):
         raise DeepFusionError("--batch-size 1: each image needs other images as negatives; use 2 or more")
     if cfg.head == "transformer" and cfg.head_dim % cfg.head_heads:
         raise DeepFusionError(f"--head-dim {cfg.head_dim} is not divisible by --head-heads {cfg.head_heads}")
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise DeepFusionError("--device cuda: no CUDA GPU is visible; use --device cpu or auto")
-    if cfg.device == "mps" and not torch.backends.mps.is_available():
-        raise DeepFusionError("--device mps: Apple MPS is not available; use --device cpu or auto")
+    visible = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True, "auto": True}
+    if not visible[cfg.device]:
+        raise DeepFusionError(f"--device {cfg.device}: not available on this machine; use --device cpu or auto")
 
 
 # ---- 2. Data and augmentation ----------------------------------------------------------
@@ -271,9 +270,7 @@ def load_dataset(cfg):
             sets = [cls(cfg.data_dir, train=t, download=True) for t in (True, False)]
         except Exception as e:  # no network, disk full, corrupt archive
             fix = "check the network or use --dataset synthetic"
-            raise DeepFusionError(
-                f"--dataset {cfg.dataset}: cannot get it into --data-dir {cfg.data_dir} ({e}); {fix}"
-            ) from None
+            raise DeepFusionError(f"--dataset {cfg.dataset}: download to {cfg.data_dir} failed ({e}); {fix}") from None
         data = [t for s in sets for t in (torch.from_numpy(s.data).permute(0, 3, 1, 2), torch.tensor(s.targets))]
     n = len(data[0])
     if cfg.batch_size > n:
@@ -658,7 +655,7 @@ def load_checkpoint(path):
         ) from None
     except Exception as e:
         raise DeepFusionError(
-            f"--resume {path}: not a readable checkpoint ({type(e).__name__}), maybe truncated"
+            f"--resume {path}: not a readable checkpoint, maybe truncated ({type(e).__name__})"
         ) from None
     fmt = str(ckpt.get("format")) if isinstance(ckpt, dict) else ""
     if fmt.startswith("deep-fusion/") and fmt != CKPT_FORMAT:
