@@ -7,25 +7,23 @@ Commands
   python deep_fusion.py                                        # CPU smoke run: synthetic data, tiny CNN
   python deep_fusion.py --dataset cifar10 --head transformer   # GPU: ResNet-18, the authors' head
   torchrun --nproc-per-node 4 deep_fusion.py --dataset cifar10 --batch-size 1024   # one global sequence
-  python deep_fusion.py --benchmark --device cpu               # augmentation and step throughput
-Measured (the first command, 2-core CPU, 56 s): kNN 74.8% (random-init backbone 29.3%, chance 10%).
-On 4,000 real CIFAR-10 images (10 epochs, 3 seeds) the authors' head matches SimCLR's MLP
-(kNN 39.4 +- 0.6 vs 38.7 +- 1.2) and its attention stays uniform; --qk-tied --attn-scale 4
---mask-partner makes fusion visible (0.121 vs chance 0.092). Commands and tables: README.md.
+Measured (the first command, 2-core CPU, about 1 minute): kNN 74.8% (random-init backbone 29.3%).
+On 4,000 real CIFAR-10 images (10 epochs, 3 seeds) the authors' head matches SimCLR's MLP and
+its attention stays uniform. Tables and their commands: README.md; benchmark, ablations, the
+authors' evaluation and the theory helpers: experiments/.
 
 Index (paper / THEORY.md -> code)
   views x -> f -> h -> g -> z (SimCLR)              augment, make_backbone, FFNHead, TransformerHead
   NT-Xent loss (SimCLR Eq. 1)                       nt_xent
   attention A = softmax(Q K^T / sqrt(m))            Attention.forward (explicit and fused paths)
   post-norm block, authors' code                    Block
+  Theorem 1's W^Q = W^K, made trainable             Attention(tied=True, scale=...)
   one sequence of 2N tokens across torchrun ranks   gather_tokens, average_gradients
-  Theorem 1 data and W^Q* = W^K* = sqrt(beta) F     union_of_subspaces, softmax_attention
-  ... made trainable (W^Q = W^K, learnable scale)   Attention(tied=True, scale=...)
-  Theorem 2 within-class diameter D_k               class_diameters
-  fusion score F_l and its chance level             fusion_score, fusion_report, balanced_sample
+  fusion scores F_l, F~_l, self and partner mass    fusion_score, fusion_report, balanced_sample
+  the backbone control softmax(beta cos(h_i, h_j))  cosine_control
+  class-to-class attention, over uniform            class_matrix, save_attention_png
   weighted kNN monitor (Wu et al. 2018)             knn_accuracy
   linear probe on frozen h                          linear_probe
-  the authors' head-output 1-NN (transductive)      transductive_1nn
 """
 
 import argparse
@@ -74,14 +72,10 @@ class Config:
     head_depth: int | None = arg(None, "Transformer blocks L (authors: 10), or FFN linear layers (SimCLR: 2)")
     head_heads: int | None = arg(None, "attention heads (authors: 16)")
     head_out: int | None = arg(None, "projection size (authors: 512)")
-    head_opt: str = arg("sgd", "optimizer of the head g: sgd (with f) or adamw (its own)", ("sgd", "adamw"))
-    head_lr: float = arg(1e-3, "peak AdamW learning rate of g with --head-opt adamw (not scaled by N)")
-    head_wd: float = arg(0.05, "AdamW weight decay of g's matrices with --head-opt adamw")
-    attn: str = arg("softmax", "identity = no mixing, uniform = batch mean", ("softmax", "identity", "uniform"))
-    sync_bn: bool = arg(False, "under torchrun: backbone BatchNorm statistics over all ranks (else per rank)")
     qk_tied: bool = arg(False, "W^Q = W^K: attention logits are a similarity (THEORY.md, Theorem 1)")
     attn_scale: float = arg(0.0, "a learnable per-head attention logit scale starting here (0: fixed, as the authors)")
     mask_partner: bool = arg(False, "the Transformer head may not attend to a token's other view")
+    sync_bn: bool = arg(False, "under torchrun: backbone BatchNorm statistics over all ranks (else per rank)")
     epochs: int | None = arg(None, "training epochs (paper: 1000)")
     batch_size: int | None = arg(None, "N images per step; the head sees 2N tokens (paper: 1024)")
     lr: float = arg(0.06, "SGD learning rate per 128 images, scaled by N/128 (SimCLR CIFAR recipe)")
@@ -92,8 +86,6 @@ class Config:
     precision: str = arg("auto", "auto: bf16 on CUDA (fp16 without bf16), else fp32", ("auto", "bf16", "fp16", "fp32"))
     device: str = arg("auto", "auto: cuda, then mps, then cpu", ("auto", "cuda", "mps", "cpu"))
     compile: bool = arg(False, "torch.compile the backbone and the head")
-    aug: str = arg("device", "device: whole-batch augmentation; cpu: per-image torchvision", ("device", "cpu"))
-    workers: int = arg(4, "DataLoader workers for --aug cpu")
     knn_k: int = arg(200, "kNN neighbours")
     knn_t: float = arg(0.1, "kNN temperature")
     linear_epochs: int = arg(100, "linear-probe epochs on frozen backbone features")
@@ -106,8 +98,6 @@ class Config:
     out_dir: str = arg("runs", "parent folder of run folders")
     run_name: str = arg("", "run folder name (default: dataset-head-time)")
     resume: str = arg("", "checkpoint.pt of a run to continue; its config is reused")
-    benchmark: bool = arg(False, "time augmentation and training steps instead of training")
-    bench_steps: int = arg(10, "timed steps per benchmark measurement")
 
 
 # Defaults per run size: CPU-sized on the synthetic data; elsewhere the CIFAR SimCLR recipe
@@ -124,9 +114,9 @@ TRANSFORMER_HEAD = {
 # 2020, Sec. 2 and B.9; lightly's CIFAR benchmark); --head-depth 10 is the authors' deep MLP.
 SIMCLR_HEAD = dict(head_dim=None, head_depth=2, head_heads=1, head_out=128)  # head_dim None: D
 FEATURE_DIM = {"tiny": 256, "resnet18": 512, "resnet34": 512, "resnet50": 2048}  # D of each backbone f
-CKPT_FORMAT = "deep-fusion/3"  # 2: a list of optimizer states; 3: FFNHead is an nn.Sequential
+CKPT_FORMAT = "deep-fusion/4"  # 4: one optimizer, epoch boundaries only, tied layers without W^K
 # Fields that do not change the training maths: a resumed run may set them anew.
-RUNTIME_ONLY = set("resume device compile workers log_every out_dir run_name benchmark bench_steps".split())
+RUNTIME_ONLY = set("resume device compile log_every out_dir run_name".split())
 
 
 class DeepFusionError(Exception):
@@ -160,14 +150,13 @@ def resolve(cfg: Config) -> Config:
     """Fill the None fields from the presets of the run's size and head."""
     size = "small" if cfg.dataset == "synthetic" else "full"
     preset = PRESETS[size] | (SIMCLR_HEAD if cfg.head == "ffn" else TRANSFORMER_HEAD[size])
-    preset["batch_size"] = 512 if cfg.benchmark else preset["batch_size"]  # the benchmark's batch: 512 everywhere
     cfg = dataclasses.replace(cfg, **{k: v for k, v in preset.items() if getattr(cfg, k) is None})
     return dataclasses.replace(cfg, head_dim=cfg.head_dim or FEATURE_DIM[cfg.arch])  # FFN hidden width = D
 
 
-POSITIVE = "epochs batch_size lr tau knn_k knn_t head_dim head_depth head_heads head_out image_size head_lr".split()
-POSITIVE += "synthetic_train synthetic_test attn_batch bench_steps log_every".split()
-NON_NEGATIVE = "attn_scale head_wd weight_decay momentum warmup_epochs eval_every linear_epochs workers".split()
+POSITIVE = "epochs batch_size lr tau knn_k knn_t head_dim head_depth head_heads head_out image_size".split()
+POSITIVE += "synthetic_train synthetic_test attn_batch log_every".split()
+NON_NEGATIVE = "attn_scale weight_decay momentum warmup_epochs eval_every linear_epochs".split()
 
 
 def check_config(cfg: Config):
@@ -180,8 +169,6 @@ def check_config(cfg: Config):
     G = int(os.environ.get("WORLD_SIZE", 1))  # torchrun's processes
     if cfg.batch_size % G:
         raise DeepFusionError(f"--batch-size {cfg.batch_size} is the global N and must split evenly over {G} processes")
-    if cfg.benchmark and G > 1:
-        raise DeepFusionError("--benchmark measures one device; run it without torchrun")
     if cfg.batch_size < 2:
         raise DeepFusionError("--batch-size 1: each image needs other images as negatives; use 2 or more")
     if cfg.head == "transformer" and cfg.head_dim % cfg.head_heads:
@@ -346,22 +333,6 @@ def augment(x, gen, mean, std, size=None):
     return (v - mu) / sd
 
 
-def per_image_transform(mean, std, size):
-    """The standard per-image torchvision pipeline, same parameters (--aug cpu, benchmark)."""
-    crop = v2.RandomResizedCrop(size, scale=CROP_SCALE, ratio=CROP_RATIO, antialias=True)
-    jitter = v2.RandomApply([v2.ColorJitter(*JITTER)], p=P_JITTER)
-    to_float = v2.ToDtype(torch.float32, scale=True)
-    return v2.Compose(
-        [crop, v2.RandomHorizontalFlip(), jitter, v2.RandomGrayscale(P_GRAY), to_float, v2.Normalize(mean, std)]
-    )
-
-
-def two_views(transform, images):
-    """collate_fn of the per-image path: B uint8 images -> two independent views, each (B, 3, H, W)."""
-    v1, v2 = zip(*[(transform(img), transform(img)) for img in images])
-    return torch.stack(v1), torch.stack(v2)
-
-
 # ---- 3. Backbone f ---------------------------------------------------------------------
 
 
@@ -395,37 +366,38 @@ class FFNHead(nn.Sequential):
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention over the n = 2N tokens of one batch: no positions. `mode`
-    "identity" (each token sees only itself) and "uniform" (every token sees the batch mean)
-    fix A instead of computing it: the ablations that say what the mixing is worth."""
+    """Multi-head self-attention over the n = 2N tokens of one batch, with no positions.
+    tied: W^Q = W^K, so a logit is a similarity <q_i, q_j> (Theorem 1's construction) and the
+    layer holds no W^K at all. scale > 0: a learnable per-head logit scale starting there."""
 
-    def __init__(self, dim, heads, mode="softmax", tied=False, scale=0.0):
+    def __init__(self, dim, heads, tied=False, scale=0.0):
         super().__init__()
-        self.heads, self.mode, self.tied = heads, mode, tied
-        self.qkv = nn.Linear(dim, 3 * dim)
+        self.heads, self.tied = heads, tied
+        self.qkv = nn.Linear(dim, (2 if tied else 3) * dim)  # [W^Q; W^K; W^V], or [W^Q; W^V] when tied
         self.proj = nn.Linear(dim, dim)
         self.log_scale = nn.Parameter(torch.full((heads, 1, 1), math.log(scale))) if scale else None
 
-    def forward(self, x, mask=None, return_attention=False):  # x (n, d); mask (n, n), True = may attend
+    def split_heads(self, x):
+        """x (n, d) -> q, k, v, each (1, H, n, m) with m = d / H."""
         n, d = x.shape
-        q, k, v = self.qkv(x).view(n, 3, self.heads, d // self.heads).permute(1, 2, 0, 3)[:, None]  # (1, H, n, m)
-        k = q if self.tied else k  # W^Q = W^K: s_ij = <q_i, q_j>, a similarity (Theorem 1's construction)
+        qkv = self.qkv(x).view(n, -1, self.heads, d // self.heads).permute(1, 2, 0, 3)[:, None]  # (2|3, 1, H, n, m)
+        q, k, v = (qkv[0], qkv[0], qkv[1]) if self.tied else qkv
         if self.log_scale is not None:  # learnable temperature: logits e^log_scale Q K^T / sqrt(m)
             q = q * self.log_scale.exp()
-        if self.mode == "softmax" and not return_attention:  # fused kernel (flash / memory-efficient
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # on CUDA): A is never stored
-            return self.proj(y[0].transpose(0, 1).reshape(n, d)), None
-        if self.mode == "softmax":  # explicit: A = softmax(Q K^T / sqrt(m)), rows sum to 1
+        return q, k, v
+
+    def forward(self, x, mask=None, return_attention=False):  # x (n, d); mask (n, n), True = may attend
+        n, d = x.shape
+        q, k, v = self.split_heads(x)
+        if not return_attention:  # fused kernel (flash / memory-efficient on CUDA): A is never stored
+            y, A = F.scaled_dot_product_attention(q, k, v, attn_mask=mask), None
+        else:  # explicit: A = softmax(Q K^T / sqrt(m)), rows sum to 1
             s = q @ k.transpose(-2, -1) / math.sqrt(d // self.heads)  # (1, H, n, n)
-        elif self.mode == "uniform":
-            s = torch.zeros(n, n, device=x.device)
-        else:  # identity: -inf off the diagonal
-            s = torch.full((n, n), float("-inf"), device=x.device).fill_diagonal_(0)
-        if mask is not None:
-            s = s.masked_fill(~mask, float("-inf"))
-        A = torch.softmax(s, dim=-1).to(v.dtype).expand(1, self.heads, n, n)  # (1, H, n, n)
-        y = A @ v  # (1, H, n, m)
-        return self.proj(y[0].transpose(0, 1).reshape(n, d)), A[0]  # heads side by side: (n, d)
+            if mask is not None:
+                s = s.masked_fill(~mask, float("-inf"))
+            A = torch.softmax(s, dim=-1)
+            y, A = A @ v, A[0]  # (1, H, n, m), (H, n, n)
+        return self.proj(y[0].transpose(0, 1).reshape(n, d)), A  # heads side by side: (n, d)
 
 
 class Block(nn.Module):
@@ -474,7 +446,7 @@ def make_head(cfg, D):
     """The projection head g of the config, on backbone features of size D."""
     if cfg.head == "ffn":
         return FFNHead(D, cfg.head_dim, cfg.head_out, cfg.head_depth)
-    attn = dict(mode=cfg.attn, tied=cfg.qk_tied, scale=cfg.attn_scale)
+    attn = dict(tied=cfg.qk_tied, scale=cfg.attn_scale)
     return TransformerHead(D, cfg.head_dim, cfg.head_depth, cfg.head_heads, cfg.head_out, cfg.mask_partner, **attn)
 
 
@@ -521,27 +493,25 @@ def autocast_for(device, precision):
     return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None), precision == "fp16"
 
 
-def make_optimizers(cfg, f, g, device):
-    """SGD with momentum for f and g, lr scaled by N/128 (SimCLR CIFAR recipe); with --head-opt
-    adamw, AdamW for g instead (the usual Transformer optimizer), weight decay only on its
-    matrices. Each parameter group keeps its peak lr as base_lr for the schedule."""
-    fused = {"fused": True} if device.type == "cuda" else {}
-    params = [*f.parameters(), *(g.parameters() if cfg.head_opt == "sgd" else [])]
+def make_optimizer(cfg, f, g, device):
+    """SGD with momentum for f and g, lr scaled by N/128 (SimCLR CIFAR recipe). The learnable
+    attention scales are temperatures: they get no weight decay. Each parameter group keeps its
+    peak lr as base_lr for the schedule."""
+    named = [*f.named_parameters(), *g.named_parameters()]
+    scales = [p for name, p in named if name.endswith("log_scale")]
+    groups = [{"params": [p for name, p in named if not name.endswith("log_scale")]}]
+    groups += [{"params": scales, "weight_decay": 0.0}] if scales else []
     lr = cfg.lr * cfg.batch_size / 128
-    opts = [torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, **fused)]
-    if cfg.head_opt == "adamw":
-        mats = [p for p in g.parameters() if p.dim() > 1]
-        rest = [p for p in g.parameters() if p.dim() <= 1]  # norms and biases: no decay
-        groups = [{"params": mats, "weight_decay": cfg.head_wd}, {"params": rest, "weight_decay": 0.0}]
-        opts.append(torch.optim.AdamW(groups, lr=cfg.head_lr, **fused))
-    for group in (group for opt in opts for group in opt.param_groups):
+    fused = {"fused": True} if device.type == "cuda" else {}
+    opt = torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, **fused)
+    for group in opt.param_groups:
         group["base_lr"] = group["lr"]
-    return opts
+    return opt
 
 
 def build(cfg, image_size, device):
-    """f and g from the seed, on the device (compiled in place with --compile), their optimizers,
-    the autocast context and the GradScaler."""
+    """f and g from the seed, on the device (compiled in place with --compile), the optimizer,
+    the autocast context and the GradScaler. experiments/ passes its own build to train."""
     torch.manual_seed(cfg.seed)
     f, D = make_backbone(cfg.arch, image_size)
     if cfg.sync_bn and world()[1] > 1:  # BN statistics over the global batch, as in one process
@@ -551,7 +521,7 @@ def build(cfg, image_size, device):
         f.compile()
         g.compile()
     amp, use_scaler = autocast_for(device, cfg.precision)
-    return f, g, make_optimizers(cfg, f, g, device), amp, torch.amp.GradScaler(device.type, enabled=use_scaler)
+    return f, g, make_optimizer(cfg, f, g, device), amp, torch.amp.GradScaler(device.type, enabled=use_scaler)
 
 
 def warmup_steps(cfg, steps):
@@ -578,55 +548,43 @@ def gather_tokens(h):
     return hs.view(G, 2, -1, hs.shape[-1]).transpose(0, 1).reshape(-1, hs.shape[-1])  # (2, G, B, D) -> (2N, D)
 
 
-def average_gradients(opts):
+def average_gradients(opt):
     """Mean of the gradients over ranks (DDP's rule), in one all-reduce. For f it turns the
     G-fold gather gradients into the one-process gradient; g's are already equal on all ranks."""
     G = world()[1]
     if G == 1:
         return
-    grads = [p.grad for opt in opts for group in opt.param_groups for p in group["params"] if p.grad is not None]
+    grads = [p.grad for group in opt.param_groups for p in group["params"] if p.grad is not None]
     flat = torch.cat([gr.flatten() for gr in grads])  # (all parameters,)
     dist.all_reduce(flat)
     for gr, mean in zip(grads, flat.div_(G).split([gr.numel() for gr in grads])):
         gr.copy_(mean.view_as(gr))
 
 
-def train_step(f, g, opts, scaler, v1, v2, tau, amp):
+def train_step(f, g, opt, scaler, v1, v2, tau, amp):
     """One SimCLR step on two views (B, 3, H, W) of this rank's B = N/G images (B = N in one
     process); returns the loss on the device (no sync)."""
     with amp:  # one forward of both views, so BN statistics and attention span both
         h = f(torch.cat([v1, v2]).contiguous(memory_format=torch.channels_last))  # (2B, D), this rank's
         z = g(gather_tokens(h))  # (2N, out): the head attends over the global batch
     loss = nt_xent(*z.float().chunk(2), tau)  # logits in fp32
-    for opt in opts:
-        opt.zero_grad(set_to_none=True)
+    opt.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
-    average_gradients(opts)
-    for opt in opts:
-        scaler.step(opt)
+    average_gradients(opt)
+    scaler.step(opt)
     scaler.update()
     return loss.detach()
 
 
-def batches(cfg, x, epoch, start, gen, device, mean, std):
-    """Yield (step, v1, v2) for one epoch from step `start`. The order depends on (seed, epoch)
-    and the augmentation is reseeded every step, so a resumed run sees the very same views."""
+def batches(cfg, x, epoch, gen, mean, std):
+    """Yield (step, v1, v2) for one epoch. The order depends on (seed, epoch) and the
+    augmentation is reseeded every step, so a resumed run sees the very same views."""
     rank, G = world()
     steps, B = len(x) // cfg.batch_size, cfg.batch_size // G  # B: this rank's share of the N images
     perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(cfg.seed * 7919 + epoch))
     perm = perm[: steps * cfg.batch_size].view(steps, cfg.batch_size)[:, rank * B : (rank + 1) * B]  # (steps, B)
-    if cfg.aug == "cpu":  # per-image torchvision pipeline in DataLoader workers
-        torch.manual_seed(cfg.seed * 1_000_003 + epoch * steps + start + (rank << 40))
-        collate = functools.partial(two_views, per_image_transform(mean, std, x.shape[-1]))
-        sub = torch.utils.data.Subset(x, perm[start:].flatten().tolist())
-        loader = torch.utils.data.DataLoader(
-            sub, B, num_workers=cfg.workers, collate_fn=collate, pin_memory=device.type == "cuda"
-        )
-        for step, (v1, v2) in enumerate(loader, start):
-            yield step, v1.to(device, non_blocking=True), v2.to(device, non_blocking=True)
-        return
     perm = perm.to(x.device)
-    for step in range(start, steps):
+    for step in range(steps):
         gen.manual_seed(cfg.seed * 1_000_003 + epoch * steps + step + (rank << 40))  # each rank its own stream
         xb = x[perm[step]]  # (B, 3, H, W) uint8, already on the device
         yield step, augment(xb, gen, mean, std), augment(xb, gen, mean, std)
@@ -645,23 +603,14 @@ def save_checkpoint(path, state):
 
 def load_checkpoint(path):
     """Load with weights_only=True: tensors and plain containers only, never arbitrary code."""
-    if not Path(path).is_file():
-        raise DeepFusionError(f"--resume {path}: no such file; give the checkpoint.pt of a run folder")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:  # what weights_only refuses: a pickle that would run code
-        raise DeepFusionError(
-            f"--resume {path}: refused, it holds more than weights; load trusted files only"
-        ) from None
-    except Exception as e:
-        raise DeepFusionError(
-            f"--resume {path}: not a readable checkpoint, maybe truncated ({type(e).__name__})"
-        ) from None
-    fmt = str(ckpt.get("format")) if isinstance(ckpt, dict) else ""
-    if fmt.startswith("deep-fusion/") and fmt != CKPT_FORMAT:
-        raise DeepFusionError(f"--resume {path}: written by an older deep_fusion.py ({fmt}); start a new run")
-    if fmt != CKPT_FORMAT:
-        raise DeepFusionError(f"--resume {path}: not a deep_fusion.py checkpoint; give a run folder's checkpoint.pt")
+    except Exception as e:  # missing, truncated, foreign, or a pickle that would run code
+        why = "refused: it holds more than weights" if isinstance(e, pickle.UnpicklingError) else type(e).__name__
+        raise DeepFusionError(f"--resume {path}: not a readable deep_fusion.py checkpoint ({why})") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CKPT_FORMAT:
+        fix = "give the checkpoint.pt of a run folder of this deep_fusion.py, or start a new run"
+        raise DeepFusionError(f"--resume {path}: not a {CKPT_FORMAT} checkpoint; {fix}")
     return ckpt
 
 
@@ -677,12 +626,10 @@ def config_for_resume(given: dict):
     return Config(**{**saved, **{k: v for k, v in given.items() if k in RUNTIME_ONLY}}), ckpt
 
 
-def check_finite(first_bad, epoch, ckpt_path):
-    """Stop on a NaN/inf loss; the checkpoint on disk predates it (epoch-end writes follow a check)."""
-    if (bad := int(first_bad)) >= 0:
-        keep = f"the last good checkpoint is {ckpt_path}" if ckpt_path.exists() else "no checkpoint was written yet"
-        cause = "learning rate too high (lower --lr) or fp16 overflow (use --precision bf16 or fp32)"
-        raise DeepFusionError(f"loss became NaN/inf at step {bad} (epoch {epoch + 1}); {keep}; likely {cause}", code=1)
+def stop(why, fix, ckpt_path, code=1):
+    """End the run with one line: what happened, the checkpoint that survives it, the fix."""
+    keep = f"the last good checkpoint is {ckpt_path}" if ckpt_path.exists() else "no checkpoint was written yet"
+    raise DeepFusionError(f"{why}; {keep}; {fix}", code)
 
 
 def check_collapse(row, knn_init, cfg, done, warmup, ckpt_path):
@@ -697,80 +644,72 @@ def check_collapse(row, knn_init, cfg, done, warmup, ckpt_path):
         why = f"backbone kNN {row['knn_acc']:.2%} fell below its random initialisation ({knn_init:.2%})"
     else:
         return
-    keep = f"the last good checkpoint is {ckpt_path}" if ckpt_path.exists() else "no checkpoint was written yet"
-    fix = "raise --tau (0.5 is the CIFAR recipe's) or lower --lr"
-    raise DeepFusionError(f"training collapsed at epoch {row['epoch']}: {why}; {keep}; {fix}", code=1)
+    stop(
+        f"training collapsed at epoch {row['epoch']}: {why}",
+        "raise --tau (0.5 is the recipe's) or lower --lr",
+        ckpt_path,
+    )
 
 
-def train(cfg, run_dir, data, device, ckpt=None):
-    """SimCLR training of f and g; checkpoints every epoch (and on Ctrl-C). Returns (f, g, history).
+def train(cfg, run_dir, data, device, ckpt=None, build=build):
+    """SimCLR training of f and g; a checkpoint at the end of every epoch. Returns (f, g, history).
     Under torchrun every rank trains; only rank 0 evaluates and writes."""
     rank0 = world()[0] == 0
     if device.type == "cpu":  # denormal floats in a collapsing net's backward slow a CPU >15x
         torch.set_flush_denormal(True)
-    f, g, opts, amp, scaler = build(cfg, data[0].shape[-1], device)
-    epoch, start, history, ep_sum = 0, 0, [{"epoch": 0}], 0.0
+    f, g, opt, amp, scaler = build(cfg, data[0].shape[-1], device)
+    epoch, history = 0, [{"epoch": 0}]
     if ckpt is not None:
         f.load_state_dict(ckpt["f"])
         g.load_state_dict(ckpt["g"])
-        for opt, saved in zip(opts, ckpt["opt"]):
-            opt.load_state_dict(saved)
+        opt.load_state_dict(ckpt["opt"])
         scaler.load_state_dict(ckpt["scaler"])
-        epoch, start, history, ep_sum = ckpt["epoch"], ckpt["step"], ckpt["history"], ckpt["epoch_loss_sum"]
-        print(f"resumed from {cfg.resume} at epoch {epoch} step {start}", flush=True)
+        epoch, history = ckpt["epoch"], ckpt["history"]
+        print(f"resumed from {cfg.resume} at epoch {epoch}", flush=True)
     elif rank0:  # the random-init baseline of every monitor
         history[0] |= evaluate(cfg, f, g, data, device, run_dir)
-    gen = torch.Generator(device=device)
-    x = data[0].to(device) if cfg.aug == "device" else data[0]  # the whole set, uint8, on the device
+    gen, x = torch.Generator(device=device), data[0].to(device)  # the whole set, uint8, on the device
     steps = len(x) // cfg.batch_size
     total, warmup = cfg.epochs * steps, warmup_steps(cfg, steps)
-    ckpt_path, t0, done0 = run_dir / "checkpoint.pt", time.time(), epoch * steps + start
-    ep_sum = torch.tensor(ep_sum, device=device)  # loss summed over this epoch's steps
-
-    def state(epoch, step, epoch_loss_sum):  # all that resume needs
-        nets = dict(f=f.state_dict(), g=g.state_dict(), opt=[o.state_dict() for o in opts], scaler=scaler.state_dict())
-        meta = dict(format=CKPT_FORMAT, config=dataclasses.asdict(cfg), history=history)
-        return dict(meta, epoch=epoch, step=step, epoch_loss_sum=epoch_loss_sum, **nets)
-
+    ckpt_path, t0, done0 = run_dir / "checkpoint.pt", time.time(), epoch * steps
     while epoch < cfg.epochs:
         f.train()
         g.train()
-        log_sum, first_bad = torch.zeros((), device=device), torch.tensor(-1, device=device)
-        t_log, n_log, done = time.time(), 0, start
+        ep_sum, log_sum = torch.zeros((), device=device), torch.zeros((), device=device)  # loss sums
+        first_bad = torch.tensor(-1, device=device)  # the first step with a NaN/inf loss, or -1
+        t_log, n_log = time.time(), 0
         try:
-            for step, v1, v2 in batches(cfg, x, epoch, start, gen, device, *MEAN_STD[cfg.dataset]):
+            for step, v1, v2 in batches(cfg, x, epoch, gen, *MEAN_STD[cfg.dataset]):
                 gstep = epoch * steps + step
-                for group in (group for opt in opts for group in opt.param_groups):
+                for group in opt.param_groups:
                     group["lr"] = lr_at(gstep, total, warmup, group["base_lr"])
-                loss = train_step(f, g, opts, scaler, v1, v2, cfg.tau, amp)
-                done, n_log, log_sum, ep_sum = step + 1, n_log + 1, log_sum + loss, ep_sum + loss
+                loss = train_step(f, g, opt, scaler, v1, v2, cfg.tau, amp)
+                n_log, log_sum, ep_sum = n_log + 1, log_sum + loss, ep_sum + loss
                 first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), gstep, first_bad)  # no sync
-                if done % cfg.log_every == 0 or done == steps:
-                    check_finite(first_bad, epoch, ckpt_path)  # the host sync: once per progress line
-                    now, lr = time.time(), opts[0].param_groups[0]["lr"]
+                if (step + 1) % cfg.log_every == 0 or step + 1 == steps:  # the host syncs: once per line
+                    if first_bad >= 0:
+                        cause = "lower --lr, or use --precision bf16 or fp32 if fp16 overflowed"
+                        stop(f"loss became NaN/inf at step {int(first_bad)} (epoch {epoch + 1})", cause, ckpt_path)
+                    now = time.time()
                     eta = datetime.timedelta(seconds=round((now - t0) / (gstep + 1 - done0) * (total - gstep - 1)))
-                    speed = n_log * cfg.batch_size / (now - t_log)
-                    print(f"epoch {epoch + 1}/{cfg.epochs} step {done}/{steps} | loss {log_sum.item() / n_log:.4f} | "
-                          f"lr {lr:.4f} | {speed:.0f} img/s | eta {eta}", flush=True)  # fmt: skip
+                    print(f"epoch {epoch + 1}/{cfg.epochs} step {step + 1}/{steps} | loss {log_sum.item() / n_log:.4f}"
+                          f" | lr {opt.param_groups[0]['lr']:.4f} | {n_log * cfg.batch_size / (now - t_log):.0f} img/s"
+                          f" | eta {eta}", flush=True)  # fmt: skip
                     log_sum, t_log, n_log = torch.zeros_like(log_sum), now, 0
-        except KeyboardInterrupt:
-            check_finite(first_bad, epoch, ckpt_path)
-            if rank0:
-                save_checkpoint(ckpt_path, state(epoch, done, ep_sum.item()))
-            resume = f"python deep_fusion.py --resume {ckpt_path}"
-            raise DeepFusionError(
-                f"interrupted at epoch {epoch + 1} step {done}; saved; continue with: {resume}", 130
-            ) from None
-        epoch, start = epoch + 1, 0
-        row = {"epoch": epoch, "loss": ep_sum.item() / steps, "lr": opts[0].param_groups[0]["lr"]}
+        except KeyboardInterrupt:  # the epoch in progress is lost; the last epoch's checkpoint resumes exactly
+            stop(f"interrupted in epoch {epoch + 1}", f"continue with: python deep_fusion.py --resume {ckpt_path}",
+                 ckpt_path, 130)  # fmt: skip
+        epoch += 1
+        row = {"epoch": epoch, "loss": ep_sum.item() / steps, "lr": opt.param_groups[0]["lr"]}
         row["time_s"] = round(time.time() - t0, 2)
-        ep_sum = torch.zeros_like(ep_sum)
         if rank0 and ((cfg.eval_every and epoch % cfg.eval_every == 0) or epoch == cfg.epochs):
             row |= evaluate(cfg, f, g, data, device, run_dir)
         check_collapse(row, history[0].get("knn_acc"), cfg, epoch * steps, warmup, ckpt_path)
         history.append(row)
-        if rank0:
-            save_checkpoint(ckpt_path, state(epoch, 0, 0.0))  # before the metrics file, which never runs ahead
+        if rank0:  # the checkpoint first: the metrics file never runs ahead of it
+            nets = dict(f=f.state_dict(), g=g.state_dict(), opt=opt.state_dict(), scaler=scaler.state_dict())
+            save_checkpoint(ckpt_path, dict(format=CKPT_FORMAT, config=dataclasses.asdict(cfg), epoch=epoch,
+                                            history=history, **nets))  # fmt: skip
             (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in history))
         knn = f" | kNN {row['knn_acc']:.2%}" if "knn_acc" in row else ""
         print(f"epoch {epoch}/{cfg.epochs} done | loss {row['loss']:.4f}{knn}", flush=True)
@@ -804,12 +743,15 @@ def knn_accuracy(train_h, train_y, test_h, test_y, k=200, t=0.1, chunk=1024):
 
 
 def linear_probe(train_h, train_y, test_h, test_y, epochs=100, batch=256, seed=0):
-    """Logistic regression on frozen, standardised features (Adam, cosine); test accuracy."""
+    """Logistic regression on frozen, standardised features (Adam, cosine); test accuracy. The
+    classifier starts at zero (the problem is convex), so `seed` fixes the whole probe."""
     mu, sd = train_h.mean(0), train_h.std(0) + 1e-6
     train_h, test_h = (train_h - mu) / sd, (test_h - mu) / sd
     train_y, test_y = train_y.to(train_h.device), test_y.to(train_h.device)
     gen = torch.Generator(device=train_h.device).manual_seed(seed)
     clf = nn.Linear(train_h.shape[1], int(train_y.max()) + 1).to(train_h.device)
+    nn.init.zeros_(clf.weight)
+    nn.init.zeros_(clf.bias)
     opt = torch.optim.Adam(clf.parameters(), lr=1e-3, weight_decay=1e-6)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, epochs * math.ceil(len(train_h) / batch)))
     for _ in range(epochs):
@@ -822,28 +764,80 @@ def linear_probe(train_h, train_y, test_h, test_y, epochs=100, batch=256, seed=0
         return (clf(test_h).argmax(1) == test_y).float().mean().item()
 
 
-def fusion_score(attn, labels, pair):
-    """THEORY.md: F = mean_i sum_{j in C_c(i), j != i, j != pair(i)} A_ij, and its chance level
-    mean_i (nu_i - 2) / n for uniform attention. attn (heads, n, n) is averaged over heads."""
-    A = attn.float().mean(0) if attn.dim() == 3 else attn.float()  # (n, n)
-    n = A.shape[0]
-    same = labels[:, None] == labels[None, :]  # (n, n)
-    same &= ~torch.eye(n, dtype=torch.bool, device=same.device)
-    same[torch.arange(n), pair] = False
-    return (A * same).sum(1).mean().item(), (same.sum(1).float() / n).mean().item()
+def others(labels, pair):
+    """Boolean (n, n) masks over the keys j of each query i: `other` = j is neither i nor its
+    partner view pair[i]; `same` = other and of i's class (nu_i - 2 keys per row)."""
+    n = len(labels)
+    other = ~torch.eye(n, dtype=torch.bool)
+    other[torch.arange(n), pair] = False
+    return (labels[:, None] == labels[None, :]) & other, other
 
 
-def fusion_report(attn, labels, pair):
-    """Per layer of attn (L, heads, n, n): the fusion score (over heads) and per head, the
-    attention a token gives its partner view; and the chance level of the score."""
-    L, H, n, _ = attn.shape
-    scores = [fusion_score(attn[l], labels, pair) for l in range(L)]
+def fusion_score(A, labels, pair):
+    """THEORY.md's fusion scores of one map A (n, n) over labelled tokens (pair[i]: i's other view):
+    F  = mean_i sum_{j in C_c(i), j != i, pair(i)} A_ij, chance mean_i (nu_i - 2) / n;
+    F~ = mean_i of the same mass over the row's mass outside i and pair(i), chance mean_i (nu_i - 2) / (n - 2).
+    A head that keeps its rows on itself scores below chance on F, never on F~.
+    Returns (F, F~, chance of F, chance of F~)."""
+    same, other = others(labels, pair)
+    n, k = len(labels), same.sum(1).float()  # k: nu_i - 2
+    inside = (A * same).sum(1)  # (n,)
+    outside = (A * other).sum(1).clamp_min(1e-12)
+    return inside.mean().item(), (inside / outside).mean().item(), (k / n).mean().item(), (k / (n - 2)).mean().item()
+
+
+def row_entropy(A):
+    """Mean entropy (nats) of the rows of A (n, n)."""
+    return -(A * A.clamp_min(1e-30).log()).sum(1).mean().item()
+
+
+def cosine_control(h, labels, pair, entropy):
+    """The fusion a head would show by only following the backbone's neighbourhoods: F~ of the
+    parameter-free attention softmax(beta cos(h_i, h_j)) over the keys j != i, pair(i), with beta
+    set (by bisection) so that its mean row entropy equals `entropy`, the head's own over those
+    keys. It depends on the features h (n, D) alone. Returns (F~ of the control, beta)."""
+    other = others(labels, pair)[1]
+    c = F.normalize(h.float(), dim=1)
+    cos = (c @ c.T).masked_fill(~other, float("-inf"))  # (n, n)
+    lo, hi = 0.0, 1000.0  # entropy falls as beta grows: log(n - 2) at beta = 0
+    for _ in range(40):
+        beta = (lo + hi) / 2
+        lo, hi = (beta, hi) if row_entropy(torch.softmax(beta * cos, 1)) > entropy else (lo, beta)
+    return fusion_score(torch.softmax(beta * cos, 1), labels, pair)[1], beta
+
+
+def fusion_report(attn, labels, pair, h):
+    """Per layer of attn (L, heads, n, n), on the map averaged over heads: both fusion scores,
+    the self and partner mass, the entropy of the rows outside self and partner, and the
+    backbone control at that entropy; F~ per head; the chance levels."""
+    A = attn.float().mean(1)  # (L, n, n)
+    other = others(labels, pair)[1]
+    rest = A * other / (A * other).sum(-1, keepdim=True).clamp_min(1e-12)  # rows outside self and partner
+    scores = [fusion_score(a, labels, pair) for a in A]
+    entropy = [row_entropy(r) for r in rest]
+    control = [cosine_control(h, labels, pair, e) for e in entropy]
     return {
-        "fusion": [score for score, _ in scores],
-        "fusion_chance": scores[0][1],
-        "fusion_per_head": [[fusion_score(attn[l, k], labels, pair)[0] for k in range(H)] for l in range(L)],
-        "partner_mass": [attn[l].mean(0)[torch.arange(n), pair].mean().item() for l in range(L)],
+        "fusion": [s[0] for s in scores],
+        "fusion_norm": [s[1] for s in scores],
+        "fusion_chance": scores[0][2],
+        "fusion_norm_chance": scores[0][3],
+        "self_mass": A.diagonal(dim1=1, dim2=2).mean(1).tolist(),
+        "partner_mass": A[:, torch.arange(len(pair)), pair].mean(1).tolist(),
+        "entropy": entropy,
+        "control_norm": [c[0] for c in control],
+        "control_beta": [c[1] for c in control],
+        "fusion_norm_per_head": [[fusion_score(a, labels, pair)[1] for a in layer.float()] for layer in attn],
     }
+
+
+def class_matrix(A, labels, pair):
+    """K x K: the mean over class a's tokens of the mass on class b's (self and partner left
+    out, each row renormalised), over its value for uniform attention: a flat 1 = class-blind,
+    a bright diagonal = fusion. A (n, n); classes are those present in labels."""
+    other = others(labels, pair)[1].float()
+    onehot = F.one_hot(labels.unique(return_inverse=True)[1]).float()  # (n, K)
+    mean_by_class = lambda M: onehot.T @ (M / M.sum(1, keepdim=True)) @ onehot / onehot.sum(0)[:, None]  # noqa: E731
+    return mean_by_class(A * other) / mean_by_class(other)  # (K, K)
 
 
 def balanced_sample(y, n, seed):
@@ -861,8 +855,9 @@ def balanced_sample(y, n, seed):
 
 @torch.no_grad()
 def attention_maps(cfg, f, g, x, y, device):
-    """Every layer's attention on a labeled batch of both views, tokens sorted by class.
-    Returns attn (L, heads, n, n), labels (n,), pair (n,) on the CPU, n = 2 * attn_batch."""
+    """Every layer's attention on a labeled batch of both views, tokens sorted by class. Returns
+    attn (L, heads, n, n), labels (n,), pair (n,) and the backbone features h (n, D), on the
+    CPU, n = 2 * attn_batch."""
     mean, std = MEAN_STD[cfg.dataset]
     f.eval()
     g.eval()
@@ -874,21 +869,24 @@ def attention_maps(cfg, f, g, x, y, device):
     labels, pair = torch.cat([yb, yb]), torch.arange(2 * len(yb)).roll(len(yb))
     order = torch.argsort(labels, stable=True)
     rank = torch.argsort(order)  # the new position of each old token
-    return torch.stack(attns).cpu()[:, :, order][:, :, :, order], labels[order], rank[pair[order]]
+    attn = torch.stack(attns).cpu()[:, :, order][:, :, :, order]
+    return attn, labels[order], rank[pair[order]], h.cpu()[order]
 
 
-def save_attention_png(attn, labels, path, scale=1):
-    """One panel per layer (mean over heads), tokens sorted by class, grey lines at class
-    boundaries; white = at or above the panel's 99th percentile, so a few large weights do not
-    leave the rest black."""
+def save_attention_png(attn, labels, pair, path):
+    """Top row: one panel per layer (mean over heads), tokens sorted by class, grey lines at
+    class boundaries, white = at or above the panel's 99th percentile. Bottom row: each layer's
+    class_matrix stretched to the same size, mid-grey = uniform (1), white = twice uniform or more."""
     A = attn.float().mean(1)  # (L, n, n)
-    A = (A / A.flatten(1).quantile(0.99, dim=1)[:, None, None]).clamp(max=1)
+    L, n, _ = A.shape
+    tokens = (A / A.flatten(1).quantile(0.99, dim=1)[:, None, None]).clamp(max=1)
     edges = torch.nonzero(labels.diff()).flatten() + 1  # first token of each new class
-    img = A[:, None].repeat(1, 3, 1, 1)  # (L, 3, n, n)
-    img[:, :, edges, :] = 0.5
-    img[:, :, :, edges] = 0.5
-    img = img.repeat_interleave(scale, 2).repeat_interleave(scale, 3)
-    torchvision.utils.save_image(img, path, nrow=min(len(A), 5), padding=4, pad_value=1.0)
+    tokens[:, edges, :] = 0.5
+    tokens[:, :, edges] = 0.5
+    classes = torch.stack([class_matrix(a, labels, pair) / 2 for a in A]).clamp(0, 1)  # (L, K, K)
+    classes = F.interpolate(classes[:, None], size=(n, n), mode="nearest")[:, 0]  # (L, n, n)
+    img = torch.cat([tokens, classes])[:, None].repeat(1, 3, 1, 1)  # (2L, 3, n, n)
+    torchvision.utils.save_image(img, path, nrow=L, padding=4, pad_value=1.0)
 
 
 def evaluate(cfg, f, g, data, device, run_dir):
@@ -897,132 +895,26 @@ def evaluate(cfg, f, g, data, device, run_dir):
     h_train, h_test = (features(f, x, device, *MEAN_STD[cfg.dataset]) for x in (data[0], data[2]))
     out = {"knn_acc": knn_accuracy(h_train, data[1], h_test, data[3], cfg.knn_k, cfg.knn_t)}
     if cfg.head == "transformer":  # does fusion emerge as training goes on?
-        attn, labels, pair = attention_maps(cfg, f, g, data[2], data[3], device)
-        out |= fusion_report(attn, labels, pair)
-        torch.save({"attn": attn.half(), "labels": labels, "pair": pair}, run_dir / "attention.pt")
-        save_attention_png(attn, labels, run_dir / "attention.png")
+        attn, labels, pair, h = attention_maps(cfg, f, g, data[2], data[3], device)
+        out |= fusion_report(attn, labels, pair, h)
+        torch.save({"attn": attn.half(), "labels": labels, "pair": pair, "h": h.half()}, run_dir / "attention.pt")
+        save_attention_png(attn, labels, pair, run_dir / "attention.png")
     return out
 
 
-@torch.no_grad()
-def transductive_1nn(cfg, g, h, y):
-    """The authors' protocol (AUTHORS.md), as a labelled second column: test images in batches
-    of N through f AND g (the Transformer head attends across each batch); each test sample
-    takes the label of its nearest other test sample (cosine, leave-one-out). The batches
-    follow a seeded random order: on a test set stored class by class, single-class batches
-    would let the head leak labels. h: backbone features (n, D) of the test set.
-    Returns (1-NN accuracy on head outputs z, the same on backbone features h)."""
-    g.eval()
-    order = torch.randperm(len(h), generator=torch.Generator().manual_seed(cfg.seed)).to(h.device)
-    h, y = h[order], y.to(h.device)[order]
-    z = torch.cat([g(hb, paired=False) if cfg.head == "transformer" else g(hb) for hb in h.split(cfg.batch_size)])
-    accs = []
-    for e in (z.float(), h):
-        e = F.normalize(e, dim=1)
-        sim = (e @ e.T).fill_diagonal_(float("-inf"))  # (n, n), no sample is its own neighbour
-        accs.append((y[sim.argmax(1)] == y).float().mean().item())
-    return accs
-
-
-# ---- 8. Theory: the objects of THEORY.md's two theorems -------------------------------
-
-
-def union_of_subspaces(sizes, dim, sub_dim, gamma=0.5, seed=0):
-    """Theorem 1 data: class k lies in a random sub_dim-dimensional subspace U_k = span(B_k)
-    of R^dim, on the positive side of f_k(B_k a) = c_k . a >= gamma (assumption b).
-    Returns X (n, dim), labels (n,) and F (dim, K), whose column k extends f_k by 0 on the other
-    subspaces, so F^T x has only its own class's coordinate nonzero. float64 throughout."""
-    g = torch.Generator().manual_seed(seed)
-    K, f64 = len(sizes), torch.float64
-    B = torch.randn(dim, K * sub_dim, generator=g, dtype=f64)  # [B_1 ... B_K], independent a.s.
-    c = F.normalize(torch.randn(K, sub_dim, generator=g, dtype=f64), dim=1)  # (K, sub_dim)
-    P = torch.linalg.pinv(B)  # (K sub_dim, dim): coordinates a = B^+ x
-    X, labels = [], []
-    for k, n in enumerate(sizes):
-        a = torch.randn(n, sub_dim, generator=g, dtype=f64)
-        a = a * torch.sign(a @ c[k])[:, None] + gamma * c[k]  # flip to c.a >= 0, then add the margin
-        X.append(a @ B[:, k * sub_dim : (k + 1) * sub_dim].T)
-        labels += [k] * n
-    Fm = torch.stack([P[k * sub_dim : (k + 1) * sub_dim].T @ c[k] for k in range(K)], dim=1)  # (dim, K)
-    return torch.cat(X), torch.tensor(labels), Fm
-
-
-def softmax_attention(X, WQ, WK):
-    """A = softmax((X W^Q)(X W^K)^T), row-wise; the 1/sqrt(m) scale is folded into W^Q."""
-    return torch.softmax((X @ WQ) @ (X @ WK).T, dim=1)
-
-
-def class_diameters(X, labels):
-    """D_k = the largest distance between two samples of class k, for every class (Theorem 2)."""
-    return torch.stack([torch.cdist(X[labels == k], X[labels == k]).max() for k in labels.unique()])
-
-
-# ---- 9. Benchmark ----------------------------------------------------------------------
-
-
-def timed(fn, steps, device):
-    """Seconds per call of fn, after two warm-up calls; the GPU's queue is drained at each reading."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
-    for _ in range(2):
-        fn()
-    sync()
-    t = time.perf_counter()
-    for _ in range(steps):
-        fn()
-    sync()
-    return (time.perf_counter() - t) / steps
-
-
 def peak_memory_mb(device):
+    """Peak memory so far: the GPU's allocator on CUDA, else the process's peak RSS (Linux: KiB)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # process peak RSS (Linux: KiB)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def benchmark(cfg, data, device):
-    """One device, one batch of N: augmentation img/s, batched vs per-image; a training step's
-    img/s with each head; the Transformer head's share of its step; peak memory."""
-    x, (mean, std) = data[0][: cfg.batch_size], MEAN_STD[cfg.dataset]
-    xd, gen = x.to(device), torch.Generator(device=device).manual_seed(cfg.seed)
-    per_image, n_pi = per_image_transform(mean, std, x.shape[-1]), min(len(x), 256)
-    r = {"device": str(device), "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None}
-    r |= {"arch": cfg.arch, "batch_size": cfg.batch_size, "precision": cfg.precision}
-    r["aug_batched_img_s"] = len(x) / timed(lambda: augment(xd, gen, mean, std), cfg.bench_steps, device)
-    per_image_s = timed(lambda: [per_image(i) for i in x[:n_pi]], max(1, cfg.bench_steps // 5), device)
-    r["aug_per_image_img_s"] = n_pi / per_image_s
-    r["aug_speedup"] = r["aug_batched_img_s"] / r["aug_per_image_img_s"]
-    v1, v2 = augment(xd, gen, mean, std), augment(xd, gen, mean, std)
-    for head in ("ffn", "transformer"):  # the given head as configured, the other from its presets
-        hcfg = cfg if head == cfg.head else resolve(dataclasses.replace(cfg, head=head, **dict.fromkeys(SIMCLR_HEAD)))
-        f, g, opts, amp, scaler = build(hcfg, x.shape[-1], device)
-        step = functools.partial(train_step, f, g, opts, scaler, v1, v2, cfg.tau, amp)
-        step_s = timed(step, cfg.bench_steps, device)
-        r[f"step_img_s_{head}"] = len(x) / step_s
-    h = torch.randn(2 * len(x), g.embed.in_features, device=device)  # (2N, D)
-
-    def head_only():  # forward, loss and backward of the Transformer head alone, on 2N tokens
-        with amp:
-            z = g(h)
-        nt_xent(*z.float().chunk(2), cfg.tau).backward()
-
-    r["transformer_head_share"] = timed(head_only, cfg.bench_steps, device) / step_s
-    r["peak_memory_mb"] = peak_memory_mb(device)
-    for key, value in r.items():
-        print(f"{key:<28}{value:>12.2f}" if isinstance(value, float) else f"{key:<28}{value!s:>12}")
-    print(f"augmentation speed-up: {r['aug_speedup']:.1f}x")
-    Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
-    (Path(cfg.out_dir) / f"benchmark-{device.type}.json").write_text(json.dumps(r, indent=2))
-    return r
+# ---- 8. main ---------------------------------------------------------------------------
 
 
-# ---- 10. main --------------------------------------------------------------------------
-
-
-def run(cfg, ckpt=None):
-    """Train (or benchmark) with a checked config; write the run folder; return the results."""
+def run(cfg, ckpt=None, build=build):
+    """Train with a checked config; write the run folder; return the results."""
     device, data = setup_distributed(cfg), load_dataset(cfg)
-    if cfg.benchmark:
-        return benchmark(cfg, data, device)
     rank0 = world()[0] == 0
     name = cfg.run_name or f"{cfg.dataset}-{cfg.head}-{time.strftime('%Y%m%d-%H%M%S')}"
     run_dir = Path(cfg.resume).parent if ckpt else Path(cfg.out_dir) / name
@@ -1031,36 +923,41 @@ def run(cfg, ckpt=None):
         (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
     print(f"run folder {run_dir} | device {device} | {cfg.arch} + {cfg.head} head | {len(data[0])} images", flush=True)
     t0 = time.time()
-    f, g, history = train(cfg, run_dir, data, device, ckpt)
+    f, g, history = train(cfg, run_dir, data, device, ckpt, build)
     if not rank0:
         return {}
-    # The final epoch's monitor row holds kNN and fusion; the probes need the features again.
+    # The final epoch's monitor row holds kNN and fusion; the linear probe needs the features again.
     h_train, h_test = (features(f, x, device, *MEAN_STD[cfg.dataset]) for x in (data[0], data[2]))
     final = {k: v for k, v in history[-1].items() if k not in ("epoch", "loss", "lr", "time_s")}
     results = {**final, "knn_acc_init": history[0]["knn_acc"]}
     results["linear_acc"] = linear_probe(h_train, data[1], h_test, data[3], cfg.linear_epochs, seed=cfg.seed)
-    results["head_1nn_acc"], results["backbone_1nn_acc"] = transductive_1nn(cfg, g, h_test, data[3])
     results |= {"final_loss": history[-1]["loss"], "epochs": cfg.epochs, "device": str(device)}
     results |= {"train_time_s": round(time.time() - t0, 1), "peak_memory_mb": round(peak_memory_mb(device), 1)}
     (run_dir / "results.json").write_text(json.dumps(results, indent=2))
-    line = f"kNN {results['knn_acc']:.2%} (random init {results['knn_acc_init']:.2%})"
-    line += f" | linear {results['linear_acc']:.2%}"
+    line = (
+        f"kNN {results['knn_acc']:.2%} (random init {results['knn_acc_init']:.2%}) | linear {results['linear_acc']:.2%}"
+    )
     if "fusion" in results:
-        by_layer = " ".join(f"{s:.2f}" for s in results["fusion"])
-        line += f" | fusion by layer {by_layer} (chance {results['fusion_chance']:.2f})"
+        by_layer = lambda key: " ".join(f"{s:.2f}" for s in results[key])  # noqa: E731
+        line += f" | normalised fusion by layer {by_layer('fusion_norm')} (chance {results['fusion_norm_chance']:.2f}"
+        line += f", backbone control {by_layer('control_norm')})"
     print(line, flush=True)
+    if results["knn_acc"] < results["knn_acc_init"]:  # too early for the collapse rule to have fired
+        print(f"warning: the backbone's kNN ended below its random initialisation's ({results['knn_acc_init']:.2%})",
+              file=sys.stderr)  # fmt: skip
     return results
 
 
-def main(argv=None) -> dict:
-    """Command-line entry; tests and the notebook call main([...]). Errors: one line, exit 2."""
+def main(argv=None, job=run) -> dict:
+    """Command-line entry; tests and the notebook call main([...]). Errors: one line, exit 2.
+    experiments/ passes its own job(cfg, ckpt) and shares the flags and the error handling."""
     rank = int(os.environ.get("RANK", 0))  # torchrun's; only rank 0 prints (print() is silent on None)
     try:
         with redirect_stdout(None) if rank else nullcontext():
             given = parse_flags(argv)
             cfg, ckpt = config_for_resume(given) if given.get("resume") else (resolve(Config(**given)), None)
             check_config(cfg)
-            return run(cfg, ckpt)
+            return job(cfg, ckpt)
     except DeepFusionError as e:
         print(f"deep_fusion.py: error{f' (rank {rank})' if rank else ''}: {e}", file=sys.stderr)
         raise SystemExit(e.code) from None

@@ -1,8 +1,10 @@
-"""Tests for deep_fusion.py: the loss, the heads, the theorems, training, resume and faults.
+"""Tests for deep_fusion.py and experiments/: the loss, the heads, the fusion measurements, the
+theorems, training, resume and faults, the benchmark, the ablations and the authors' evaluation.
 
 Run: python -m pytest -q   (CPU only; CUDA tests skip without a GPU)
 """
 
+import argparse
 import json
 import math
 import os
@@ -17,6 +19,8 @@ import torch
 import torch.nn.functional as F
 
 import deep_fusion as df
+from experiments import ablations, authors_eval, benchmark
+from experiments import theory as th
 
 ROOT = Path(__file__).parent
 # A tiny synthetic run: seconds on a 2-core CPU.
@@ -183,7 +187,10 @@ def test_mask_partner_hides_exactly_the_other_view():
 @pytest.mark.parametrize("mode", ["identity", "uniform"])
 def test_fixed_attention_ablations(mode):
     torch.manual_seed(0)
-    g = df.TransformerHead(12, dim=16, depth=2, heads=4, out_dim=7, mode=mode).double().eval()
+    g = df.TransformerHead(12, dim=16, depth=2, heads=4, out_dim=7)
+    for block in g.blocks:
+        block.attn = ablations.FixedAttention(16, 4, mode)
+    g = g.double().eval()
     h = torch.randn(8, 12, dtype=torch.float64)
     _, attns = g(h, return_attention=True)
     expected = (
@@ -211,6 +218,25 @@ def test_tied_qk_gives_symmetric_logits_and_scale_is_learnable():
     assert cycle_residual(df.Attention(16, 4).double()(x, return_attention=True)[1]) > 1e-3
     assert tied.log_scale.requires_grad and tied.log_scale.exp().flatten().tolist() == pytest.approx([4.0] * 4)
     assert df.Attention(16, 4).log_scale is None  # the authors' fixed 1/sqrt(m) by default
+    assert tied.qkv.out_features == 2 * 16 and df.Attention(16, 4).qkv.out_features == 3 * 16  # no unused W^K
+
+
+def test_the_attention_scale_is_a_temperature_without_weight_decay():
+    cfg = parse_args(["--qk-tied", "--attn-scale", "4", "--weight-decay", "0.1"])
+    f, D = df.make_backbone(cfg.arch)
+    g = df.make_head(cfg, D)
+    opt = df.make_optimizer(cfg, f, g, torch.device("cpu"))
+    decayed, free = opt.param_groups
+    scales = [b.attn.log_scale for b in g.blocks]
+    assert free["weight_decay"] == 0 and len(free["params"]) == len(scales) == cfg.head_depth
+    assert all(any(p is s for p in free["params"]) for s in scales)
+    assert decayed["weight_decay"] == 0.1 and not any(p is s for p in decayed["params"] for s in scales)
+    n_params = sum(p.numel() for p in [*f.parameters(), *g.parameters()])
+    assert sum(p.numel() for group in opt.param_groups for p in group["params"]) == n_params
+    before = [s.detach().clone() for s in scales]
+    opt.zero_grad()
+    opt.step()  # no gradient: weight decay alone would shrink a decayed parameter
+    assert all(torch.equal(s, b) for s, b in zip(scales, before))
 
 
 # ---- Fusion score and kNN --------------------------------------------------------------
@@ -229,15 +255,63 @@ def test_fusion_score_on_hand_made_attention():
     same = (labels[:, None] == labels[None, :]).float()
     nu = same.sum(1)
     block = same / nu[:, None]  # D^{-1} S: uniform over the own class
-    score, chance = df.fusion_score(block, labels, pair)
+    score, norm, chance, norm_chance = df.fusion_score(block, labels, pair)
     assert score == pytest.approx(((nu - 2) / nu).mean().item())
+    assert norm == pytest.approx(1.0)  # every row's mass outside self and partner stays in-class
     assert chance == pytest.approx(((nu - 2) / n).mean().item())
-    uniform_score, _ = df.fusion_score(torch.full((n, n), 1 / n), labels, pair)
-    assert uniform_score == pytest.approx(chance)
+    assert norm_chance == pytest.approx(((nu - 2) / (n - 2)).mean().item())
+    uniform = df.fusion_score(torch.full((n, n), 1 / n), labels, pair)
+    assert uniform[0] == pytest.approx(chance) and uniform[1] == pytest.approx(norm_chance)
     assert df.fusion_score(torch.eye(n), labels, pair)[0] == 0  # self excluded
     assert df.fusion_score(torch.eye(n)[pair], labels, pair)[0] == 0  # partner excluded
-    per_head = torch.stack([block, torch.full((n, n), 1 / n)])  # heads are averaged
-    assert df.fusion_score(per_head, labels, pair)[0] == pytest.approx((score + chance) / 2)
+
+
+def test_self_attention_cannot_fool_the_normalised_score():
+    """90% of each row on the token itself, the rest class-blind: the raw score falls far below
+    chance, the normalised one sits at chance; the same self mass over in-class keys scores 1."""
+    labels, pair = paired_batch([20] * 5)
+    n = len(labels)
+    blind = 0.9 * torch.eye(n) + 0.1 / n
+    raw, norm, chance, norm_chance = df.fusion_score(blind, labels, pair)
+    assert raw < 0.15 * chance and norm == pytest.approx(norm_chance, abs=1e-6)
+    same, other = df.others(labels, pair)
+    in_class = 0.9 * torch.eye(n) + 0.1 * same / same.sum(1, keepdim=True)
+    assert df.fusion_score(in_class, labels, pair)[1] == pytest.approx(1.0)
+    report = df.fusion_report(torch.stack([blind, in_class])[:, None], labels, pair, torch.randn(n, 8))
+    assert report["self_mass"] == pytest.approx([0.9 + 0.1 / n, 0.9])
+    assert report["fusion_norm"] == pytest.approx([norm_chance, 1.0], abs=1e-6)
+    assert report["partner_mass"] == pytest.approx([0.1 / n, 0.0])
+
+
+def test_cosine_control_is_computed_from_h_alone():
+    """The control depends on the backbone features, not on the head's attention: clustered h
+    scores high, random h at chance; a sharper target entropy means a larger beta."""
+    labels, pair = paired_batch([16] * 4)
+    n, g = len(labels), torch.Generator().manual_seed(0)
+    centres = torch.randn(4, 32, generator=g)
+    clustered = centres[labels] + 0.3 * torch.randn(n, 32, generator=g)
+    noise = torch.randn(n, 32, generator=g)
+    chance = df.fusion_score(torch.full((n, n), 1 / n), labels, pair)[3]
+    for entropy in (math.log(n - 2) - 0.5, 2.0):
+        high, beta = df.cosine_control(clustered, labels, pair, entropy)
+        low, _ = df.cosine_control(noise, labels, pair, entropy)
+        assert high > 0.6 and abs(low - chance) < 0.1
+        sharp = torch.softmax(beta * F.normalize(clustered) @ F.normalize(clustered).T
+                              + torch.where(df.others(labels, pair)[1], 0, float("-inf")), 1)  # fmt: skip
+        assert df.row_entropy(sharp) == pytest.approx(entropy, abs=1e-3)  # beta matches the entropy
+    assert df.cosine_control(clustered, labels, pair, math.log(n - 2))[1] < 1e-6  # uniform: beta = 0
+    attn = torch.softmax(torch.randn(2, 3, n, n, generator=g), -1)  # (L, heads, n, n)
+    a, b = (df.fusion_report(attn, labels, pair, h)["control_norm"] for h in (clustered, noise))
+    assert min(a) > max(b) + 0.2  # near-uniform attention: a soft control, still led by h
+
+
+def test_class_matrix_is_flat_for_uniform_and_diagonal_for_fusion():
+    labels, pair = paired_batch([5, 9, 6])
+    n = len(labels)
+    assert torch.allclose(df.class_matrix(torch.full((n, n), 1 / n), labels, pair), torch.ones(3, 3))
+    same = df.others(labels, pair)[0].float()
+    M = df.class_matrix(same / same.sum(1, keepdim=True), labels, pair)
+    assert (M.diagonal() > 1).all() and (M - torch.diag(M.diagonal())).abs().max() == 0
 
 
 def test_knn_accuracy_separable_and_against_naive():
@@ -265,14 +339,14 @@ SIZES = [5, 9, 14, 3]  # unequal classes: nu_i varies
 @pytest.mark.parametrize("beta", [0.5, 2.0, 8.0, 50.0])
 def test_theorem1_bounds(beta):
     gamma = 0.5
-    X, labels, Fm = df.union_of_subspaces(SIZES, dim=20, sub_dim=3, gamma=gamma)
+    X, labels, Fm = th.union_of_subspaces(SIZES, dim=20, sub_dim=3, gamma=gamma)
     W = math.sqrt(beta) * Fm
     S = (X @ W) @ (X @ W).T  # logits
     same = labels[:, None] == labels[None, :]
     assert S[~same].abs().max() < 1e-8  # claim 1: cross-class logits vanish
     rho = beta * gamma**2
     assert S[same].min() >= rho - 1e-8  # claim 2
-    A, n = df.softmax_attention(X, W, W), len(labels)
+    A, n = th.softmax_attention(X, W, W), len(labels)
     nu = same.sum(1).double()
     m = (A * same).sum(1)
     assert (m >= nu * math.exp(rho) / (nu * math.exp(rho) + n - nu) - 1e-12).all()  # claim 3
@@ -280,11 +354,11 @@ def test_theorem1_bounds(beta):
 
 
 def test_theorem1_exact_fusion_form_and_limit():
-    X, labels, Fm = df.union_of_subspaces(SIZES, dim=20, sub_dim=3)
+    X, labels, Fm = th.union_of_subspaces(SIZES, dim=20, sub_dim=3)
     X = X / (X @ Fm).sum(1, keepdim=True)  # scale so that f_k(x_i) = 1 on every class
     same = (labels[:, None] == labels[None, :]).double()
     target = same / same.sum(1, keepdim=True)  # D^{-1} S
-    errors = [(df.softmax_attention(X, math.sqrt(b) * Fm, math.sqrt(b) * Fm) - target).abs().max() for b in (5, 20, 40)]
+    errors = [(th.softmax_attention(X, math.sqrt(b) * Fm, math.sqrt(b) * Fm) - target).abs().max() for b in (5, 20, 40)]
     assert errors[0] > errors[1] > errors[2] and errors[2] < 1e-12
 
 
@@ -304,22 +378,22 @@ def test_theorem1_margin_is_needed():
 
 
 def test_theorem2_contraction_per_layer():
-    X, labels, Fm = df.union_of_subspaces(SIZES, dim=20, sub_dim=3, gamma=1.0)
+    X, labels, Fm = th.union_of_subspaces(SIZES, dim=20, sub_dim=3, gamma=1.0)
     W = math.sqrt(3.0) * Fm
     same = labels[:, None] == labels[None, :]
     nu = same.sum(1, keepdim=True).double()
-    D0 = bound = df.class_diameters(X, labels)
+    D0 = bound = th.class_diameters(X, labels)
     for _ in range(6):
-        A = df.softmax_attention(X, W, W)
+        A = th.softmax_attention(X, W, W)
         eps = (1 - (A * same).sum(1)).max()
         alpha = (A * nu)[same].min().clamp(max=1)
         R = X.norm(dim=1).max()
         Y = A @ X  # identity values, no residual
-        assert (df.class_diameters(Y, labels) <= (1 - alpha) * df.class_diameters(X, labels) + 5 * eps * R + 1e-9).all()
+        assert (th.class_diameters(Y, labels) <= (1 - alpha) * th.class_diameters(X, labels) + 5 * eps * R + 1e-9).all()
         bound = (1 - alpha) * bound + 5 * eps * R  # the bound unrolled over layers
         X = Y
-    assert (df.class_diameters(X, labels) <= bound + 1e-9).all()
-    assert (df.class_diameters(X, labels) < 0.05 * D0).all()  # each class fused...
+    assert (th.class_diameters(X, labels) <= bound + 1e-9).all()
+    assert (th.class_diameters(X, labels) < 0.05 * D0).all()  # each class fused...
     means = torch.stack([X[labels == k].mean(0) for k in range(len(SIZES))])
     assert torch.pdist(means).min() > 0.1  # ...without merging classes
 
@@ -389,7 +463,7 @@ def test_augment_probabilities():
 
 def test_per_image_pipeline_matches_batched_shapes():
     x, _ = df.synthetic_dataset(4, 0)
-    t = df.per_image_transform(*MS, 32)
+    t = benchmark.per_image_transform(*MS, 32)
     v = t(x[0])
     assert v.shape == (3, 32, 32) and v.dtype == torch.float32
 
@@ -410,19 +484,20 @@ def test_main_learns_on_synthetic(tmp_path, capsys):
     assert losses[-1] < losses[0] - 0.3  # the loss falls
     assert r["knn_acc"] > r["knn_acc_init"] + 0.10  # beats random-initialised features
     assert r["knn_acc"] > 0.3  # chance is 0.1
-    assert len(r["fusion"]) == 4 and 0 < r["fusion_chance"] < 0.2
+    assert len(r["fusion"]) == 4 and 0 < r["fusion_chance"] < r["fusion_norm_chance"] < 0.2
+    for key in ("fusion_norm", "self_mass", "partner_mass", "entropy", "control_norm", "control_beta"):
+        assert len(r[key]) == 4 and all(math.isfinite(v) for v in r[key]), key
     assert json.loads((run / "results.json").read_text()) == r
     maps = torch.load(run / "attention.pt", weights_only=True)
-    assert maps["attn"].shape == (4, 4, 256, 256)
+    assert maps["attn"].shape == (4, 4, 256, 256) and maps["h"].shape == (256, 256)
     assert (maps["labels"].diff() >= 0).all()  # sorted by class
     monitors = [row for row in history if "fusion" in row]  # fusion tracked at init and every kNN monitor epoch
     assert [row["epoch"] for row in monitors] == [0, 5, 8]
-    assert all(len(row["fusion"]) == len(row["partner_mass"]) == 4 for row in monitors)
+    assert all(len(row["fusion_norm"]) == len(row["self_mass"]) == len(row["control_norm"]) == 4 for row in monitors)
     from PIL import Image
 
-    with Image.open(run / "attention.png") as png:
-        assert png.mode == "RGB" and png.height > 256 and png.width > 4 * 256  # 4 layers side by side
-    assert 0 <= r["head_1nn_acc"] <= 1 and 0 <= r["backbone_1nn_acc"] <= 1
+    with Image.open(run / "attention.png") as png:  # 4 layers side by side, class matrices beneath
+        assert png.mode == "RGB" and png.height > 2 * 256 and png.width > 4 * 256
 
 
 def test_ffn_head_runs(tmp_path):
@@ -431,18 +506,40 @@ def test_ffn_head_runs(tmp_path):
 
 
 def test_head_options_train_together(tmp_path):
-    r = run_main(tmp_path, "--head-opt", "adamw", "--qk-tied", "--attn-scale", "4", "--mask-partner", "--epochs", "1")
+    r = run_main(tmp_path, "--qk-tied", "--attn-scale", "4", "--mask-partner", "--epochs", "1")
     assert all(p == 0 for p in r["partner_mass"]) and 0 <= r["knn_acc"] <= 1
-    ckpt = df.load_checkpoint(tmp_path / "run" / "checkpoint.pt")
-    assert len(ckpt["opt"]) == 2  # SGD for f, AdamW for g
-    cfg = parse_args(["--head-opt", "adamw"])
-    f, D = df.make_backbone(cfg.arch)
-    g = df.make_head(cfg, D)
-    sgd, adamw = df.make_optimizers(cfg, f, g, torch.device("cpu"))
-    assert sum(p.numel() for p in sgd.param_groups[0]["params"]) == sum(p.numel() for p in f.parameters())
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_low_precision_training_runs_on_cpu(tmp_path, precision):
+    """The GPU user's code path as far as a CPU goes: autocast in bf16, or fp16 with the GradScaler."""
+    r = run_main(tmp_path, "--precision", precision, "--epochs", "1")
+    assert math.isfinite(r["final_loss"]) and 0 <= r["knn_acc"] <= 1
+    scaler = df.load_checkpoint(tmp_path / "run" / "checkpoint.pt")["scaler"]
+    assert bool(scaler) == (precision == "fp16")  # the scaler's state: only fp16 uses one
+
+
+def test_ablations_train_with_the_core_loop_and_the_authors_eval_reads_them(tmp_path):
+    base = [*TINY, "--epochs", "1", "--out-dir", str(tmp_path)]
+    ablations.main([*base, "--run-name", "ab", "--attn", "uniform", "--head-opt", "adamw", "--mask-partner"])
+    ckpt = df.load_checkpoint(tmp_path / "ab" / "checkpoint.pt")
+    assert len(ckpt["opt"]["opts"]) == 2  # SGD for f, AdamW for g
+    assert not any("qkv" in name for name in ckpt["g"])  # fixed attention: values only
+    r = json.loads((tmp_path / "ab" / "results.json").read_text())
+    assert r["fusion_norm"] == pytest.approx([r["fusion_norm_chance"]] * 2, abs=1e-6)  # uniform attention
+    cfg = parse_args(TINY)
+    flags = argparse.Namespace(attn="identity", head_opt="adamw", head_lr=1e-3, head_wd=0.05)
+    f, g, opt, *_ = ablations.ablated_build(flags)(cfg, 32, torch.device("cpu"))
+    sgd, adamw = opt.opts
+    assert sum(p.numel() for g_ in sgd.param_groups for p in g_["params"]) == sum(p.numel() for p in f.parameters())
     decayed, free = adamw.param_groups
     assert decayed["weight_decay"] == 0.05 and all(p.dim() == 2 for p in decayed["params"])
-    assert free["weight_decay"] == 0 and all(p.dim() == 1 for p in free["params"])  # norms, biases
+    assert free["weight_decay"] == 0 and all(p.dim() != 2 for p in free["params"])  # norms, biases
+    run_main(tmp_path, "--epochs", "1", name="plain")
+    for run in ("ab", "plain"):
+        authors_eval.main([str(tmp_path / run)])
+        scores = json.loads((tmp_path / run / "authors_1nn.json").read_text())
+        assert 0 <= scores["head_1nn_acc"] <= 1 and 0 <= scores["backbone_1nn_acc"] <= 1
 
 
 class BatchMean(torch.nn.Module):
@@ -461,15 +558,26 @@ def test_transductive_protocol_batches_a_random_order():
     cfg = parse_args(["--batch-size", "100"])
     z = F.normalize(torch.cat([BatchMean()(hb) for hb in h.split(100)]), dim=1)  # single-class batches
     assert (y[(z @ z.T).fill_diagonal_(-2).argmax(1)] == y).all()  # the leak that the random order prevents
-    head_acc, backbone_acc = df.transductive_1nn(cfg, BatchMean(), h, y)
+    head_acc, backbone_acc = authors_eval.transductive_1nn(cfg, BatchMean(), h, y)
     assert head_acc < 0.4 and backbone_acc < 0.4  # chance is 0.25
 
 
-def test_per_image_cpu_pipeline_trains(tmp_path):
-    r = run_main(tmp_path, "--aug", "cpu", "--workers", "0", "--epochs", "2")
-    history = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert len(history) == 3 and all(math.isfinite(row["loss"]) for row in history[1:])
-    assert 0 <= r["knn_acc"] <= 1
+def test_linear_probe_is_seeded():
+    g = torch.Generator().manual_seed(0)
+    htr, hte = torch.randn(200, 16, generator=g), torch.randn(100, 16, generator=g)
+    ytr, yte = torch.randint(0, 4, (200,), generator=g), torch.randint(0, 4, (100,), generator=g)
+    runs = [df.linear_probe(htr, ytr, hte, yte, epochs=3, batch=32, seed=s) for s in (0, 0, 1)]
+    assert runs[0] == runs[1]
+
+
+@pytest.mark.parametrize("final_knn,warns", [(0.2, True), (0.6, False)])
+def test_a_backbone_below_its_initialisation_is_reported(tmp_path, capsys, monkeypatch, final_knn, warns):
+    """Too short a run for the collapse rule (50 steps) still says so when it ends below init."""
+    accs = iter([0.5, final_knn])  # the random-init monitor, then the final one
+    monkeypatch.setattr(df, "knn_accuracy", lambda *args, **kwargs: next(accs))
+    run_main(tmp_path, "--epochs", "1")
+    err = capsys.readouterr().err
+    assert ("warning: the backbone's kNN ended below its random initialisation's (50.00%)" in err) == warns
 
 
 def final_weights(run_dir):
@@ -491,13 +599,14 @@ def assert_same_run(a, b):
     assert rows[0] == rows[1]
 
 
-def test_ctrl_c_saves_and_resume_reproduces_the_run(tmp_path, capsys, monkeypatch):
+def test_ctrl_c_keeps_the_last_epoch_and_resume_reproduces_the_run(tmp_path, capsys, monkeypatch):
     run_main(tmp_path, name="whole")
+    capsys.readouterr()  # the run's own output
     real_step, calls = df.train_step, []
 
     def interrupted(*args):
         calls.append(1)
-        if len(calls) == 13:  # mid-epoch 2 (8 steps per epoch)
+        if len(calls) == 13:  # mid-epoch 2 (8 steps per epoch): that epoch is lost, epoch 1 kept
             raise KeyboardInterrupt
         return real_step(*args)
 
@@ -506,10 +615,11 @@ def test_ctrl_c_saves_and_resume_reproduces_the_run(tmp_path, capsys, monkeypatc
     expect_error(
         capsys,
         [*TINY, "--out-dir", str(tmp_path), "--run-name", "cut"],
-        "interrupted at epoch 2 step 4",
+        "interrupted in epoch 2",
         f"--resume {ckpt}",
         code=130,
     )
+    assert df.load_checkpoint(ckpt)["epoch"] == 1
     monkeypatch.setattr(df, "train_step", real_step)
     df.main(["--resume", str(ckpt)])
     assert_same_run(tmp_path / "whole", tmp_path / "cut")
@@ -637,7 +747,7 @@ def one_step_setup(head):
     x = df.synthetic_dataset(8, 0)[0][:, :, :16, :16]
     gen = torch.Generator().manual_seed(0)
     v1, v2 = (df.augment(x, gen, *df.MEAN_STD["synthetic"]) for _ in range(2))
-    return cfg, f, g, df.make_optimizers(cfg, f, g, torch.device("cpu")), v1, v2
+    return cfg, f, g, df.make_optimizer(cfg, f, g, torch.device("cpu")), v1, v2
 
 
 def named_parameters(f, g):
@@ -647,12 +757,12 @@ def named_parameters(f, g):
 
 def dist_worker(head, out):
     """One rank (run by test_torchrun_step_equals_one_process in a subprocess)."""
-    cfg, f, g, opts, v1, v2 = one_step_setup(head)
+    cfg, f, g, opt, v1, v2 = one_step_setup(head)
     df.setup_distributed(cfg)
     rank, G = df.world()
     shard = slice(rank * 8 // G, (rank + 1) * 8 // G)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    loss = df.train_step(f, g, opts, scaler, v1[shard], v2[shard], cfg.tau, torch.autocast("cpu", enabled=False))
+    loss = df.train_step(f, g, opt, scaler, v1[shard], v2[shard], cfg.tau, torch.autocast("cpu", enabled=False))
     torch.save({"loss": loss, **dict(named_parameters(f, g))}, f"{out}/{rank}.pt")
     torch.distributed.destroy_process_group()
 
@@ -678,14 +788,13 @@ def test_torchrun_step_equals_one_process(tmp_path, head):
         for r in range(2)
     ]
     assert [p.wait(timeout=120) for p in procs] == [0, 0]
-    cfg, f, g, opts, v1, v2 = one_step_setup(head)
+    cfg, f, g, opt, v1, v2 = one_step_setup(head)
     init = {n: p.detach().clone() for n, p in named_parameters(f, g)}
     h = [f(torch.cat([v1[s], v2[s]])) for s in (slice(0, 4), slice(4, 8))]  # per shard: (2B, D) = [v1_s; v2_s]
     h = torch.cat([h[0][:4], h[1][:4], h[0][4:], h[1][4:]])  # (2N, D) = [v1; v2], in image order
     loss = df.nt_xent(*g(h).chunk(2), cfg.tau)
     loss.backward()
-    for opt in opts:
-        opt.step()
+    opt.step()
     ranks = [torch.load(tmp_path / f"{r}.pt", weights_only=True) for r in range(2)]
     for r in ranks:
         assert r.pop("loss").item() == pytest.approx(loss.item(), rel=1e-6)
@@ -841,19 +950,19 @@ def test_malicious_checkpoint_is_refused(tmp_path, capsys):
 
 def test_bad_checkpoints(tmp_path, capsys):
     run_main(tmp_path, "--epochs", "1", name="ok")
+    capsys.readouterr()  # the run's own output
     good = tmp_path / "ok" / "checkpoint.pt"
     truncated = tmp_path / "truncated.pt"
     truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
-    expect_error(capsys, ["--resume", str(truncated)], "--resume", "truncated")
-    expect_error(capsys, ["--resume", str(tmp_path / "nope.pt")], "--resume", "no such file")
+    expect_error(capsys, ["--resume", str(truncated)], f"--resume {truncated}", "not a readable")
+    expect_error(capsys, ["--resume", str(tmp_path / "nope.pt")], "--resume", "FileNotFoundError")
     notes = tmp_path / "notes.pt"
     notes.write_text("hello")
-    expect_error(capsys, ["--resume", str(notes)], "--resume", "not a readable checkpoint")
+    expect_error(capsys, ["--resume", str(notes)], "--resume", "not a readable deep_fusion.py checkpoint")
     other = tmp_path / "other.pt"
-    torch.save({"weights": torch.ones(2)}, other)
-    expect_error(capsys, ["--resume", str(other)], "not a deep_fusion.py checkpoint")
-    torch.save({"format": "deep-fusion/1"}, other)
-    expect_error(capsys, ["--resume", str(other)], "older deep_fusion.py", "start a new run")
+    for foreign in ({"weights": torch.ones(2)}, {"format": "deep-fusion/3"}):  # another program's, an older one's
+        torch.save(foreign, other)
+        expect_error(capsys, ["--resume", str(other)], f"not a {df.CKPT_FORMAT} checkpoint", "start a new run")
     expect_error(capsys, ["--resume", str(good), "--tau", "0.3"], "another config", "--tau 0.3")
 
 
@@ -861,14 +970,15 @@ def test_bad_checkpoints(tmp_path, capsys):
 
 
 def test_benchmark_cpu(tmp_path, capsys):
-    r = df.main(
-        ["--benchmark", "--device", "cpu", "--batch-size", "64", "--bench-steps", "2", "--out-dir", str(tmp_path)]
-    )
+    r = benchmark.main(["--device", "cpu", "--batch-size", "64", "--bench-steps", "2", "--out-dir", str(tmp_path)])
     out = capsys.readouterr().out
     assert "augmentation speed-up:" in out
     assert r["aug_speedup"] == pytest.approx(r["aug_batched_img_s"] / r["aug_per_image_img_s"])
     assert 0 < r["transformer_head_share"] < 1.5 and r["step_img_s_ffn"] > 0 and r["peak_memory_mb"] > 0
     assert json.loads((tmp_path / "benchmark-cpu.json").read_text()) == r
+    with pytest.raises(SystemExit) as e:
+        benchmark.main(["--bench-steps", "0", "--device", "cpu"])
+    assert e.value.code == 2 and "--bench-steps 0: must be positive" in capsys.readouterr().err
 
 
 def test_augment_copies_nothing_from_the_host_per_call(monkeypatch):
@@ -897,21 +1007,21 @@ def test_cuda_training_steps_have_no_host_sync(head):
     torch.manual_seed(0)
     f, D = df.make_backbone(cfg.arch)
     f, g = f.to(dev), df.make_head(cfg, D).to(dev)
-    opts, scaler = df.make_optimizers(cfg, f, g, dev), torch.amp.GradScaler("cuda", enabled=False)
+    opt, scaler = df.make_optimizer(cfg, f, g, dev), torch.amp.GradScaler("cuda", enabled=False)
     amp = df.autocast_for(dev, "bf16")[0]
     x = df.synthetic_dataset(6 * cfg.batch_size, 0)[0].to(dev)
     gen, mean_std = torch.Generator(device=dev), df.MEAN_STD["synthetic"]
-    it = df.batches(cfg, x, 0, 0, gen, dev, *mean_std)
+    it = df.batches(cfg, x, 0, gen, *mean_std)
     _, v1, v2 = next(it)  # warm-up outside: the epoch's order is copied once, kernels load
-    df.train_step(f, g, opts, scaler, v1, v2, cfg.tau, amp)
+    df.train_step(f, g, opt, scaler, v1, v2, cfg.tau, amp)
     first_bad = torch.tensor(-1, device=dev)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
         for step, v1, v2 in it:
-            for group in (group for opt in opts for group in opt.param_groups):
+            for group in opt.param_groups:
                 group["lr"] = df.lr_at(step, 6, 1, group["base_lr"])
-            loss = df.train_step(f, g, opts, scaler, v1, v2, cfg.tau, amp)
+            loss = df.train_step(f, g, opt, scaler, v1, v2, cfg.tau, amp)
             first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), step, first_bad)
     finally:
         torch.cuda.set_sync_debug_mode(0)

@@ -1,0 +1,122 @@
+"""Ablations of the Transformer head, trained by deep_fusion.py's own loop with another build:
+
+  --attn identity   each token attends only to itself: the head mixes nothing across the batch
+  --attn uniform    each token attends equally to every token it may see: the batch mean
+  --head-opt adamw  AdamW for the head g (--head-lr, and --head-wd on its matrices), SGD for f
+
+  python experiments/ablations.py --attn uniform [deep_fusion.py flags]
+
+The run folder is deep_fusion.py's, plus ablation.json with these flags (authors_eval.py reads it).
+"""
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project root, however this is started
+from experiments import df, own_flags  # noqa: E402
+
+FLAGS = (
+    ("--attn", dict(default="softmax", choices=("softmax", "identity", "uniform"), help="fixed attention A")),
+    ("--head-opt", dict(default="sgd", choices=("sgd", "adamw"), help="the head's optimizer")),
+    ("--head-lr", dict(type=float, default=1e-3, help="peak AdamW lr of g (not scaled by N)")),
+    ("--head-wd", dict(type=float, default=0.05, help="AdamW weight decay of g's matrices")),
+)
+
+
+class FixedAttention(nn.Module):
+    """Attention whose map is fixed instead of softmax(QK^T / sqrt(m)): "identity" (A = I) or
+    "uniform" (A = 1/n over the keys the mask allows). Only values and the output projection
+    are learnt, so the layer holds no W^Q, W^K. Same interface as df.Attention."""
+
+    def __init__(self, dim, heads, mode):
+        super().__init__()
+        self.heads, self.mode = heads, mode
+        self.value = nn.Linear(dim, dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x, mask=None, return_attention=False):  # x (n, d)
+        n, d = x.shape
+        v = self.value(x).view(n, self.heads, d // self.heads).transpose(0, 1)  # (H, n, m)
+        s = torch.zeros(n, n, device=x.device)  # uniform: equal logits
+        if self.mode == "identity":
+            s = s.fill_(float("-inf")).fill_diagonal_(0)
+        if mask is not None:
+            s = s.masked_fill(~mask, float("-inf"))
+        A = torch.softmax(s, dim=-1).to(v.dtype).expand(self.heads, n, n)  # (H, n, n)
+        return self.proj((A @ v).transpose(0, 1).reshape(n, d)), A if return_attention else None
+
+
+class Optimizers:
+    """Several optimizers behind the one optimizer that df.train uses (GradScaler included)."""
+
+    def __init__(self, *opts):
+        self.opts = opts
+        self.param_groups = [group for opt in opts for group in opt.param_groups]
+
+    def zero_grad(self, set_to_none=True):
+        for opt in self.opts:
+            opt.zero_grad(set_to_none=set_to_none)
+
+    def step(self):
+        for opt in self.opts:
+            opt.step()
+
+    def state_dict(self):
+        return {"opts": [opt.state_dict() for opt in self.opts]}
+
+    def load_state_dict(self, state):
+        for opt, saved in zip(self.opts, state["opts"]):
+            opt.load_state_dict(saved)
+
+
+def ablated_build(flags):
+    """A build(cfg, image_size, device) for df.train: df.build, then the ablation of `flags`."""
+
+    def build(cfg, image_size, device):
+        f, g, opt, amp, scaler = df.build(cfg, image_size, device)
+        if flags.attn != "softmax":
+            for block in g.blocks:
+                block.attn = FixedAttention(cfg.head_dim, cfg.head_heads, flags.attn).to(device)
+            opt = df.make_optimizer(cfg, f, g, device)  # over the new parameters
+        if flags.head_opt == "adamw":
+            mats = [p for p in g.parameters() if p.dim() == 2]  # norms, biases and scales: no decay
+            rest = [p for p in g.parameters() if p.dim() != 2]
+            groups = [{"params": mats, "weight_decay": flags.head_wd}, {"params": rest, "weight_decay": 0.0}]
+            adamw = torch.optim.AdamW(groups, lr=flags.head_lr)
+            for group in adamw.param_groups:
+                group["base_lr"] = group["lr"]
+            opt = Optimizers(df.make_optimizer(cfg, f, nn.Module(), device), adamw)  # SGD for f alone
+        return f, g, opt, amp, scaler
+
+    return build
+
+
+def job(flags):
+    """df.main's job: check the flags, name the run after its ablation, record the flags, run it."""
+
+    def run(cfg, ckpt):
+        if cfg.head != "transformer" and (flags.attn != "softmax" or flags.head_opt != "sgd"):
+            raise df.DeepFusionError("--attn and --head-opt ablate the Transformer head; use --head transformer")
+        if not cfg.run_name and not ckpt:
+            stamp = time.strftime("%Y%m%d-%H%M%S")
+            cfg.run_name = f"{cfg.dataset}-{cfg.head}-attn-{flags.attn}-{flags.head_opt}-{stamp}"
+        run_dir = Path(cfg.resume).parent if ckpt else Path(cfg.out_dir) / cfg.run_name
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "ablation.json").write_text(json.dumps(vars(flags), indent=2))
+        return df.run(cfg, ckpt, build=ablated_build(flags))
+
+    return run
+
+
+def main(argv=None):
+    flags, rest = own_flags(argv, *FLAGS)
+    return df.main(rest, job=job(flags))
+
+
+if __name__ == "__main__":
+    main()
