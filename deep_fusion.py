@@ -3,14 +3,12 @@
 Paper: Li & Pimentel-Alarcon, "Deep Fusion: Capturing Dependencies in Contrastive Learning
 via Transformer Projection Heads", arXiv 2403.18681. One file: torch, torchvision, numpy.
 
-Commands
   python deep_fusion.py                                        # CPU smoke run: synthetic data, tiny CNN
   python deep_fusion.py --dataset cifar10 --head transformer   # GPU: ResNet-18, the authors' head
   torchrun --nproc-per-node 4 deep_fusion.py --dataset cifar10 --batch-size 1024   # one global sequence
 Measured (the first command, 2-core CPU, about 1 minute): kNN 74.8% (random-init backbone 29.3%).
-On 4,000 real CIFAR-10 images (10 epochs, 3 seeds) the authors' head matches SimCLR's MLP and
-its attention stays uniform. Tables and their commands: README.md; benchmark, ablations, the
-authors' evaluation and the theory helpers: experiments/.
+Results on real images, with their commands: README.md. Benchmark, ablations, the authors'
+evaluation and the theorems' helpers: experiments/.
 
 Index (paper / THEORY.md -> code)
   views x -> f -> h -> g -> z (SimCLR)              augment, make_backbone, FFNHead, TransformerHead
@@ -191,12 +189,8 @@ MEAN_STD = {
 
 
 def synthetic_dataset(n, seed, size=32, n_classes=10, glyph=11, copies=(3, 7)):
-    """Offline, deterministic, learnable: class k = a glyph (disk, ring, square, cross, ...).
-
-    Each image scatters 3-6 copies of its class's glyph over a flat background, in dim tints
-    and with noise. Colour says little, so SimCLR must match views by shape; the glyphs are
-    mirror-symmetric and repeated, so the class survives flips, small crops and colour jitter.
-    """
+    """Offline, deterministic, learnable: class k = a glyph (disk, ring, square, cross, ...), 3-6
+    mirror-symmetric copies on a flat background, so the class survives crops, flips and jitter."""
     g = np.random.default_rng(seed)
     yy, xx = np.meshgrid(np.linspace(-3, 3, glyph), np.linspace(-3, 3, glyph), indexing="ij")
     r, box = np.hypot(xx, yy), np.maximum(abs(xx), abs(yy))
@@ -301,10 +295,8 @@ def crop_boxes(B, gen, device):
 
 
 def augment(x, gen, mean, std, size=None):
-    """One SimCLR view of a whole uint8 batch (B, 3, H, W), on the batch's device.
-
-    Returns float (B, 3, size, size), normalised. Every random draw comes from `gen`: a seeded
-    generator gives the same views on every run."""
+    """One SimCLR view of a whole uint8 batch (B, 3, H, W) on its device: float (B, 3, size, size),
+    normalised. Every random draw comes from `gen`, so a seeded generator repeats the views."""
     B, dev = x.shape[0], x.device
     size = size or x.shape[-1]
     u = lambda *shape: torch.rand(*shape, generator=gen, device=dev)  # noqa: E731
@@ -377,18 +369,12 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.log_scale = nn.Parameter(torch.full((heads, 1, 1), math.log(scale))) if scale else None
 
-    def split_heads(self, x):
-        """x (n, d) -> q, k, v, each (1, H, n, m) with m = d / H."""
+    def forward(self, x, mask=None, return_attention=False):  # x (n, d); mask (n, n), True = may attend
         n, d = x.shape
         qkv = self.qkv(x).view(n, -1, self.heads, d // self.heads).permute(1, 2, 0, 3)[:, None]  # (2|3, 1, H, n, m)
         q, k, v = (qkv[0], qkv[0], qkv[1]) if self.tied else qkv
         if self.log_scale is not None:  # learnable temperature: logits e^log_scale Q K^T / sqrt(m)
             q = q * self.log_scale.exp()
-        return q, k, v
-
-    def forward(self, x, mask=None, return_attention=False):  # x (n, d); mask (n, n), True = may attend
-        n, d = x.shape
-        q, k, v = self.split_heads(x)
         if not return_attention:  # fused kernel (flash / memory-efficient on CUDA): A is never stored
             y, A = F.scaled_dot_product_attention(q, k, v, attn_mask=mask), None
         else:  # explicit: A = softmax(Q K^T / sqrt(m)), rows sum to 1
@@ -485,33 +471,23 @@ def world():
     return (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
 
 
-def autocast_for(device, precision):
-    """(autocast context, GradScaler needed): bf16 on CUDA, fp16 + scaler where bf16 is missing."""
-    if precision == "auto":
-        precision = "fp32" if device.type != "cuda" else "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)  # fp32: None, autocast off
-    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None), precision == "fp16"
-
-
 def make_optimizer(cfg, f, g, device):
     """SGD with momentum for f and g, lr scaled by N/128 (SimCLR CIFAR recipe). The learnable
     attention scales are temperatures: they get no weight decay. Each parameter group keeps its
     peak lr as base_lr for the schedule."""
     named = [*f.named_parameters(), *g.named_parameters()]
-    scales = [p for name, p in named if name.endswith("log_scale")]
     groups = [{"params": [p for name, p in named if not name.endswith("log_scale")]}]
-    groups += [{"params": scales, "weight_decay": 0.0}] if scales else []
-    lr = cfg.lr * cfg.batch_size / 128
-    fused = {"fused": True} if device.type == "cuda" else {}
-    opt = torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, **fused)
+    groups += [{"params": [p for name, p in named if name.endswith("log_scale")], "weight_decay": 0.0}]
+    lr, fused = cfg.lr * cfg.batch_size / 128, device.type == "cuda"
+    opt = torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, fused=fused)
     for group in opt.param_groups:
         group["base_lr"] = group["lr"]
     return opt
 
 
 def build(cfg, image_size, device):
-    """f and g from the seed, on the device (compiled in place with --compile), the optimizer,
-    the autocast context and the GradScaler. experiments/ passes its own build to train."""
+    """f and g from the seed, on the device (compiled in place with --compile), the optimizer, the
+    autocast context (bf16 on CUDA, fp16 + GradScaler without bf16) and the GradScaler."""
     torch.manual_seed(cfg.seed)
     f, D = make_backbone(cfg.arch, image_size)
     if cfg.sync_bn and world()[1] > 1:  # BN statistics over the global batch, as in one process
@@ -520,8 +496,12 @@ def build(cfg, image_size, device):
     if cfg.compile:  # in place: the state_dict keys stay those of the plain modules
         f.compile()
         g.compile()
-    amp, use_scaler = autocast_for(device, cfg.precision)
-    return f, g, make_optimizer(cfg, f, g, device), amp, torch.amp.GradScaler(device.type, enabled=use_scaler)
+    precision = cfg.precision
+    if precision == "auto":
+        precision = "fp32" if device.type != "cuda" else "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)  # fp32: None, autocast off
+    amp = torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+    return f, g, make_optimizer(cfg, f, g, device), amp, torch.amp.GradScaler(device.type, enabled=precision == "fp16")
 
 
 def warmup_steps(cfg, steps):
@@ -644,15 +624,11 @@ def check_collapse(row, knn_init, cfg, done, warmup, ckpt_path):
         why = f"backbone kNN {row['knn_acc']:.2%} fell below its random initialisation ({knn_init:.2%})"
     else:
         return
-    stop(
-        f"training collapsed at epoch {row['epoch']}: {why}",
-        "raise --tau (0.5 is the recipe's) or lower --lr",
-        ckpt_path,
-    )
+    stop(f"training collapsed at epoch {row['epoch']}: {why}", "raise --tau or lower --lr", ckpt_path)
 
 
 def train(cfg, run_dir, data, device, ckpt=None, build=build):
-    """SimCLR training of f and g; a checkpoint at the end of every epoch. Returns (f, g, history).
+    """SimCLR training of f and g; a checkpoint at the end of every epoch. Returns the history.
     Under torchrun every rank trains; only rank 0 evaluates and writes."""
     rank0 = world()[0] == 0
     if device.type == "cpu":  # denormal floats in a collapsing net's backward slow a CPU >15x
@@ -703,7 +679,7 @@ def train(cfg, run_dir, data, device, ckpt=None, build=build):
         row = {"epoch": epoch, "loss": ep_sum.item() / steps, "lr": opt.param_groups[0]["lr"]}
         row["time_s"] = round(time.time() - t0, 2)
         if rank0 and ((cfg.eval_every and epoch % cfg.eval_every == 0) or epoch == cfg.epochs):
-            row |= evaluate(cfg, f, g, data, device, run_dir)
+            row |= evaluate(cfg, f, g, data, device, run_dir, final=epoch == cfg.epochs)
         check_collapse(row, history[0].get("knn_acc"), cfg, epoch * steps, warmup, ckpt_path)
         history.append(row)
         if rank0:  # the checkpoint first: the metrics file never runs ahead of it
@@ -713,7 +689,7 @@ def train(cfg, run_dir, data, device, ckpt=None, build=build):
             (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in history))
         knn = f" | kNN {row['knn_acc']:.2%}" if "knn_acc" in row else ""
         print(f"epoch {epoch}/{cfg.epochs} done | loss {row['loss']:.4f}{knn}", flush=True)
-    return f, g, history
+    return history
 
 
 # ---- 7. Evaluation: kNN, linear probe, fusion score ------------------------------------
@@ -889,11 +865,14 @@ def save_attention_png(attn, labels, pair, path):
     torchvision.utils.save_image(img, path, nrow=L, padding=4, pad_value=1.0)
 
 
-def evaluate(cfg, f, g, data, device, run_dir):
-    """The monitor: kNN accuracy of f's features; with the Transformer head also the fusion
-    report of g's attention on a labeled test batch, saved in run_dir as attention.pt and .png."""
+def evaluate(cfg, f, g, data, device, run_dir, final=False):
+    """The monitor: kNN accuracy of f's features (and, at the end, the linear probe); with the
+    Transformer head also the fusion report of g's attention on a labeled test batch, saved in
+    run_dir as attention.pt and attention.png."""
     h_train, h_test = (features(f, x, device, *MEAN_STD[cfg.dataset]) for x in (data[0], data[2]))
     out = {"knn_acc": knn_accuracy(h_train, data[1], h_test, data[3], cfg.knn_k, cfg.knn_t)}
+    if final:
+        out["linear_acc"] = linear_probe(h_train, data[1], h_test, data[3], cfg.linear_epochs, seed=cfg.seed)
     if cfg.head == "transformer":  # does fusion emerge as training goes on?
         attn, labels, pair, h = attention_maps(cfg, f, g, data[2], data[3], device)
         out |= fusion_report(attn, labels, pair, h)
@@ -913,7 +892,8 @@ def peak_memory_mb(device):
 
 
 def run(cfg, ckpt=None, build=build):
-    """Train with a checked config; write the run folder; return the results."""
+    """Train with a checked config; write the run folder; return the results: the last epoch's
+    row of the history (loss, kNN, linear probe, fusion) and what the run cost."""
     device, data = setup_distributed(cfg), load_dataset(cfg)
     rank0 = world()[0] == 0
     name = cfg.run_name or f"{cfg.dataset}-{cfg.head}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -923,15 +903,10 @@ def run(cfg, ckpt=None, build=build):
         (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
     print(f"run folder {run_dir} | device {device} | {cfg.arch} + {cfg.head} head | {len(data[0])} images", flush=True)
     t0 = time.time()
-    f, g, history = train(cfg, run_dir, data, device, ckpt, build)
+    history = train(cfg, run_dir, data, device, ckpt, build)
     if not rank0:
         return {}
-    # The final epoch's monitor row holds kNN and fusion; the linear probe needs the features again.
-    h_train, h_test = (features(f, x, device, *MEAN_STD[cfg.dataset]) for x in (data[0], data[2]))
-    final = {k: v for k, v in history[-1].items() if k not in ("epoch", "loss", "lr", "time_s")}
-    results = {**final, "knn_acc_init": history[0]["knn_acc"]}
-    results["linear_acc"] = linear_probe(h_train, data[1], h_test, data[3], cfg.linear_epochs, seed=cfg.seed)
-    results |= {"final_loss": history[-1]["loss"], "epochs": cfg.epochs, "device": str(device)}
+    results = history[-1] | {"knn_acc_init": history[0]["knn_acc"], "device": str(device)}
     results |= {"train_time_s": round(time.time() - t0, 1), "peak_memory_mb": round(peak_memory_mb(device), 1)}
     (run_dir / "results.json").write_text(json.dumps(results, indent=2))
     line = (
@@ -943,8 +918,8 @@ def run(cfg, ckpt=None, build=build):
         line += f", backbone control {by_layer('control_norm')})"
     print(line, flush=True)
     if results["knn_acc"] < results["knn_acc_init"]:  # too early for the collapse rule to have fired
-        print(f"warning: the backbone's kNN ended below its random initialisation's ({results['knn_acc_init']:.2%})",
-              file=sys.stderr)  # fmt: skip
+        warning = f"the backbone's kNN ended below its random initialisation's ({results['knn_acc_init']:.2%})"
+        print(f"warning: {warning}", file=sys.stderr)
     return results
 
 

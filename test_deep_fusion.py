@@ -514,7 +514,7 @@ def test_head_options_train_together(tmp_path):
 def test_low_precision_training_runs_on_cpu(tmp_path, precision):
     """The GPU user's code path as far as a CPU goes: autocast in bf16, or fp16 with the GradScaler."""
     r = run_main(tmp_path, "--precision", precision, "--epochs", "1")
-    assert math.isfinite(r["final_loss"]) and 0 <= r["knn_acc"] <= 1
+    assert math.isfinite(r["loss"]) and 0 <= r["knn_acc"] <= 1
     scaler = df.load_checkpoint(tmp_path / "run" / "checkpoint.pt")["scaler"]
     assert bool(scaler) == (precision == "fp16")  # the scaler's state: only fp16 uses one
 
@@ -590,7 +590,7 @@ def assert_same_run(a, b):
     assert wa.keys() == wb.keys()
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     ra, rb = (json.loads((d / "results.json").read_text()) for d in (a, b))
-    for key in ("train_time_s", "peak_memory_mb"):
+    for key in ("train_time_s", "peak_memory_mb", "time_s"):
         ra.pop(key), rb.pop(key)
     assert ra == rb
     rows = [[json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()] for d in (a, b)]
@@ -1002,13 +1002,9 @@ def test_augment_copies_nothing_from_the_host_per_call(monkeypatch):
 def test_cuda_training_steps_have_no_host_sync(head):
     """The loop body of train(): batches (on-device augmentation), the lr schedule, train_step
     and the NaN bookkeeping, under set_sync_debug_mode("error"): any host sync raises."""
-    cfg = parse_args([*TINY, "--head", head, "--device", "cuda"])
+    cfg = parse_args([*TINY, "--head", head, "--device", "cuda", "--precision", "bf16"])
     dev = torch.device("cuda")
-    torch.manual_seed(0)
-    f, D = df.make_backbone(cfg.arch)
-    f, g = f.to(dev), df.make_head(cfg, D).to(dev)
-    opt, scaler = df.make_optimizer(cfg, f, g, dev), torch.amp.GradScaler("cuda", enabled=False)
-    amp = df.autocast_for(dev, "bf16")[0]
+    f, g, opt, amp, scaler = df.build(cfg, 32, dev)
     x = df.synthetic_dataset(6 * cfg.batch_size, 0)[0].to(dev)
     gen, mean_std = torch.Generator(device=dev), df.MEAN_STD["synthetic"]
     it = df.batches(cfg, x, 0, gen, *mean_std)
@@ -1031,7 +1027,7 @@ def test_cuda_training_steps_have_no_host_sync(head):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_bf16_training(tmp_path):
     r = df.main([*TINY, "--device", "cuda", "--out-dir", str(tmp_path), "--run-name", "cuda"])
-    assert r["device"].startswith("cuda") and math.isfinite(r["final_loss"])
+    assert r["device"].startswith("cuda") and math.isfinite(r["loss"])
 
 
 # ---- The notebook ----------------------------------------------------------------------
