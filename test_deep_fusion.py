@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 import deep_fusion as df
-from experiments import ablations, authors_eval, benchmark
+from experiments import ablations, authors_eval, benchmark, table
 from experiments import theory as th
 
 ROOT = Path(__file__).parent
@@ -264,6 +264,8 @@ def test_fusion_score_on_hand_made_attention():
     assert uniform[0] == pytest.approx(chance) and uniform[1] == pytest.approx(norm_chance)
     assert df.fusion_score(torch.eye(n), labels, pair)[0] == 0  # self excluded
     assert df.fusion_score(torch.eye(n)[pair], labels, pair)[0] == 0  # partner excluded
+    per_head = torch.stack([block, torch.full((n, n), 1 / n)])  # heads are averaged
+    assert df.fusion_score(per_head, labels, pair)[0] == pytest.approx((score + chance) / 2)
 
 
 def test_self_attention_cannot_fool_the_normalised_score():
@@ -1042,3 +1044,24 @@ def test_notebook_runs_top_to_bottom(tmp_path):
         nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}}
     ).execute()
     assert any(o.get("output_type") == "display_data" for c in nb.cells for o in c.get("outputs", []))
+
+
+# ---- The results-table script ----------------------------------------------------------
+
+
+def test_table_runs_arms_by_seeds_writes_markdown_and_json_and_skips_finished_runs(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(
+        table.TABLES, "tiny", [("MLP", "--head ffn", "core"), ("uniform", "--attn uniform", "ablation")]
+    )
+    argv = ["tiny", "--seeds", "0", "1", "--out-dir", str(tmp_path), "--", *TINY, "--epochs", "1"]
+    runs = table.main(argv)
+    assert [(r["arm"], r["seed"]) for r in runs] == [("MLP", 0), ("MLP", 1), ("uniform", 0), ("uniform", 1)]
+    assert runs[0]["results"]["knn_acc"] != runs[1]["results"]["knn_acc"]  # two seeds, two runs
+    md = (tmp_path / "tiny" / "table.md").read_text()
+    rows = [line for line in md.splitlines() if line.startswith("| MLP") or line.startswith("| uniform")]
+    assert len(rows) == 2 and " ± " in rows[0] and "python experiments/table.py tiny --seeds 0 1" in md
+    assert "—" in rows[0] and "—" not in rows[1].split("|")[7]  # the MLP has no attention; uniform has F~
+    assert json.loads((tmp_path / "tiny" / "runs.json").read_text()) == runs
+    monkeypatch.setattr(df, "main", lambda *a, **k: pytest.fail("a finished run ran again"))
+    monkeypatch.setattr(ablations, "main", lambda *a, **k: pytest.fail("a finished run ran again"))
+    assert table.main(argv) == runs

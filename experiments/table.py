@@ -1,0 +1,130 @@
+"""A named results table: arms x seeds, one run after the other (two runs at once on a small CPU
+slow each other many times over), then the Markdown table (mean ± sample std over seeds) and a
+JSON of every run. A rerun skips the runs that finished, so an interrupted table resumes.
+
+  python experiments/table.py heads --seeds 0 1 2 --out-dir tables -- \\
+      --dataset imagefolder --data-dir cifar-subset --image-size 32 --arch tiny --epochs 10 --batch-size 256
+
+Everything after `--` goes to every run (deep_fusion.py's flags). Each arm adds its own flags;
+an arm marked "ablation" runs through experiments/ablations.py. Every run is also evaluated
+with the authors' protocol (experiments/authors_eval.py). Writes <out-dir>/<table>/table.md,
+runs.json and one run folder per arm and seed.
+"""
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project root, however this is started
+from experiments import ablations, authors_eval, df  # noqa: E402
+
+# name -> [(arm, flags, runner)]; runner "core" is deep_fusion.py, "ablation" experiments/ablations.py
+TABLES = {
+    "heads": [
+        ("SimCLR MLP head", "--head ffn", "core"),
+        ("Transformer head, defaults (the authors')", "--head transformer", "core"),
+        ("tied W^Q = W^K, learnable scale from 4, partner masked", "--qk-tied --attn-scale 4 --mask-partner", "core"),
+        ("uniform attention (the batch mean)", "--attn uniform", "ablation"),
+    ],
+    "tau": [
+        (f"tau {t}, {h}", f"--tau {t} --head {h}", "core") for t in (0.1, 0.2, 0.5) for h in ("transformer", "ffn")
+    ],
+    "batch": [
+        (f"N = {n}, {h}", f"--batch-size {n} --head {h}", "core")
+        for n in (64, 128, 256, 512)
+        for h in ("transformer", "ffn")
+    ],
+    "depth": [(f"{L} blocks", f"--head-depth {L}", "core") for L in (1, 2, 4, 10)],
+}
+
+
+def slug(arm):
+    return "".join(c if c.isalnum() else "-" for c in arm.lower()).strip("-")[:60]
+
+
+def run_arm(folder, arm, flags, runner, seed, common):
+    """One run of the table, or its results if it finished before; None if the program stopped it."""
+    run_dir = folder / f"{slug(arm)}-seed{seed}"
+    if (run_dir / "results.json").exists():
+        return json.loads((run_dir / "results.json").read_text()) | json.loads(
+            (run_dir / "authors_1nn.json").read_text()
+        )
+    argv = [*common, *flags.split(), "--seed", str(seed), "--out-dir", str(folder), "--run-name", run_dir.name]
+    print(f"== {arm}, seed {seed}: {' '.join(argv)}", flush=True)
+    try:
+        (ablations.main if runner == "ablation" else df.main)(argv)
+    except SystemExit as e:  # a collapse or NaN stop: recorded, the table goes on
+        print(f"== stopped (exit {e.code}); recorded as such", flush=True)
+        return None
+    return json.loads((run_dir / "results.json").read_text()) | authors_eval.evaluate_run(run_dir)
+
+
+def mean_std(values, scale=1.0, digits=1):
+    """'mean ± std' over seeds (sample std), or the one value; '—' when there is none."""
+    values = [v * scale for v in values if v is not None]
+    if not values:
+        return "—"
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+
+
+COLUMNS = [  # header, how to read one run, scale, digits
+    ("kNN %", lambda r: r["knn_acc"], 100, 1),
+    ("linear %", lambda r: r["linear_acc"], 100, 1),
+    ("1-NN on h %", lambda r: r["backbone_1nn_acc"], 100, 1),
+    ("1-NN on z, authors' (transductive) %", lambda r: r["head_1nn_acc"], 100, 1),
+    ("normalised fusion F~, max layer", lambda r: max(r["fusion_norm"]) if "fusion_norm" in r else None, 1, 3),
+    ("F~, last layer", lambda r: r["fusion_norm"][-1] if "fusion_norm" in r else None, 1, 3),
+    ("backbone control, last layer", lambda r: r["control_norm"][-1] if "control_norm" in r else None, 1, 3),
+    ("self mass, max layer", lambda r: max(r["self_mass"]) if "self_mass" in r else None, 1, 3),
+    ("partner mass, max layer", lambda r: max(r["partner_mass"]) if "partner_mass" in r else None, 1, 3),
+    ("entropy, last layer (nats)", lambda r: r["entropy"][-1] if "entropy" in r else None, 1, 2),
+]
+
+
+def make_table(name, seeds, out_dir, common):
+    folder = Path(out_dir) / name
+    folder.mkdir(parents=True, exist_ok=True)
+    runs, lines = [], []
+    for arm, flags, runner in TABLES[name]:
+        results = [run_arm(folder, arm, flags, runner, seed, common) for seed in seeds]
+        runs += [
+            {"arm": arm, "flags": flags, "runner": runner, "seed": s, "results": r} for s, r in zip(seeds, results)
+        ]
+        done = [r for r in results if r is not None]
+        cells = [mean_std([read(r) for r in done], scale, digits) for _, read, scale, digits in COLUMNS]
+        stopped = f" ({len(results) - len(done)} of {len(results)} stopped)" if len(done) < len(results) else ""
+        lines.append(f"| {arm}{stopped} | `{flags}` | " + " | ".join(cells) + " |")
+    chance = next(
+        (r["results"]["fusion_norm_chance"] for r in runs if r["results"] and "fusion_norm_chance" in r["results"]),
+        None,
+    )
+    seed_list = " ".join(map(str, seeds))
+    command = f"python experiments/table.py {name} --seeds {seed_list} --out-dir {out_dir} -- {' '.join(common)}"
+    header = "| arm | flags | " + " | ".join(c[0] for c in COLUMNS) + " |"
+    table = [header, "|" + " --- |" * (len(COLUMNS) + 2), *lines, ""]
+    table.append(f"Mean ± sample standard deviation over seeds {', '.join(map(str, seeds))}; chance of F~: "
+                 f"{chance:.3f}." if chance else f"Seeds {', '.join(map(str, seeds))}.")  # fmt: skip
+    table += ["", "```bash", command, "```", ""]
+    (folder / "table.md").write_text("\n".join(table))
+    (folder / "runs.json").write_text(json.dumps(runs, indent=1))
+    print("\n".join(table))
+    return runs
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    ours, common = (argv[: argv.index("--")], argv[argv.index("--") + 1 :]) if "--" in argv else (argv, [])
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("table", choices=sorted(TABLES))
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--out-dir", default="tables")
+    args = p.parse_args(ours)
+    return make_table(args.table, args.seeds, args.out_dir, common)
+
+
+if __name__ == "__main__":
+    main()
