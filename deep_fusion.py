@@ -8,7 +8,7 @@ via Transformer Projection Heads", arXiv 2403.18681. One file: torch, torchvisio
   torchrun --nproc-per-node 4 deep_fusion.py --dataset cifar10 --batch-size 1024   # one global sequence
 Measured (the first command, 2-core CPU, about 1 minute): kNN 74.8% (random-init backbone 29.3%).
 Results on real images, with their commands: README.md. Benchmark, ablations, the authors'
-evaluation and the theorems' helpers: experiments/.
+evaluation, results tables and the theorems' helpers: experiments/.
 
 Index (paper / THEORY.md -> code)
   views x -> f -> h -> g -> z (SimCLR)              augment, make_backbone, FFNHead, TransformerHead
@@ -113,16 +113,14 @@ TRANSFORMER_HEAD = {
 SIMCLR_HEAD = dict(head_dim=None, head_depth=2, head_heads=1, head_out=128)  # head_dim None: D
 FEATURE_DIM = {"tiny": 256, "resnet18": 512, "resnet34": 512, "resnet50": 2048}  # D of each backbone f
 CKPT_FORMAT = "deep-fusion/4"  # 4: one optimizer, epoch boundaries only, tied layers without W^K
-# Fields that do not change the training maths: a resumed run may set them anew.
-RUNTIME_ONLY = set("resume device compile log_every out_dir run_name".split())
+RUNTIME_ONLY = set("resume device compile log_every out_dir run_name".split())  # a resumed run may change these
+POSITIVE = "epochs batch_size lr tau knn_k knn_t head_dim head_depth head_heads head_out image_size".split()
+POSITIVE += "synthetic_train synthetic_test attn_batch log_every".split()
+NON_NEGATIVE = "attn_scale weight_decay momentum warmup_epochs eval_every linear_epochs".split()
 
 
 class DeepFusionError(Exception):
-    """A problem the user can fix; main prints it as one line and exits with `code`."""
-
-    def __init__(self, message, code=2):
-        super().__init__(message)
-        self.code = code
+    """A problem the user can fix: main prints args[0] as one line and exits with args[1] (else 2)."""
 
 
 class Parser(argparse.ArgumentParser):
@@ -152,27 +150,19 @@ def resolve(cfg: Config) -> Config:
     return dataclasses.replace(cfg, head_dim=cfg.head_dim or FEATURE_DIM[cfg.arch])  # FFN hidden width = D
 
 
-POSITIVE = "epochs batch_size lr tau knn_k knn_t head_dim head_depth head_heads head_out image_size".split()
-POSITIVE += "synthetic_train synthetic_test attn_batch log_every".split()
-NON_NEGATIVE = "attn_scale weight_decay momentum warmup_epochs eval_every linear_epochs".split()
-
-
 def check_config(cfg: Config):
     """Every flag mistake, caught before any download or write (the data's sizes: load_dataset)."""
     for name in POSITIVE + NON_NEGATIVE:
-        value = getattr(cfg, name)
-        if value < 0 or (value == 0 and name in POSITIVE):
+        if (value := getattr(cfg, name)) < 0 or (value == 0 and name in POSITIVE):
             need = "positive" if name in POSITIVE else "0 or more"
             raise DeepFusionError(f"--{name.replace('_', '-')} {value}: must be {need}")
-    G = int(os.environ.get("WORLD_SIZE", 1))  # torchrun's processes
-    if cfg.batch_size % G:
+    if cfg.batch_size % (G := int(os.environ.get("WORLD_SIZE", 1))):  # G: torchrun's processes
         raise DeepFusionError(f"--batch-size {cfg.batch_size} is the global N and must split evenly over {G} processes")
     if cfg.batch_size < 2:
         raise DeepFusionError("--batch-size 1: each image needs other images as negatives; use 2 or more")
     if cfg.head == "transformer" and cfg.head_dim % cfg.head_heads:
         raise DeepFusionError(f"--head-dim {cfg.head_dim} is not divisible by --head-heads {cfg.head_heads}")
-    visible = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True, "auto": True}
-    if not visible[cfg.device]:
+    if cfg.device in ("cuda", "mps") and not getattr(torch, cfg.device).is_available():
         raise DeepFusionError(f"--device {cfg.device}: not available on this machine; use --device cpu or auto")
 
 
@@ -200,7 +190,7 @@ def synthetic_dataset(n, seed, size=32, n_classes=10, glyph=11, copies=(3, 7)):
     y = g.integers(0, n_classes, n)
     x = np.empty((n, 3, size, size), np.uint8)
     for i in range(n):
-        bg = g.uniform(0, 1) + g.normal(0, 0.05, 3)
+        bg = g.uniform(0, 1) + g.normal(0, 0.05, 3)  # dim tints and noise: colour says little
         fg = (bg + g.uniform(0.35, 0.65)) % 1 + g.normal(0, 0.05, 3)  # always contrasts with bg
         img = np.tile(bg[:, None, None], (1, size, size))
         for _ in range(g.integers(*copies)):
@@ -253,8 +243,7 @@ def load_dataset(cfg):
             fix = "check the network or use --dataset synthetic"
             raise DeepFusionError(f"--dataset {cfg.dataset}: download to {cfg.data_dir} failed ({e}); {fix}") from None
         data = [t for s in sets for t in (torch.from_numpy(s.data).permute(0, 3, 1, 2), torch.tensor(s.targets))]
-    n = len(data[0])
-    if cfg.batch_size > n:
+    if cfg.batch_size > (n := len(data[0])):
         raise DeepFusionError(f"--batch-size {cfg.batch_size} exceeds the {n} training images; lower it")
     if cfg.knn_k > n:
         raise DeepFusionError(f"--knn-k {cfg.knn_k} exceeds the {n}-image bank; use --knn-k {n} or less")
@@ -265,7 +254,7 @@ def load_dataset(cfg):
 
 # SimCLR's CIFAR augmentation (Chen et al. 2020, App. B.9; lightly's SimCLRTransform): crop
 # of 8-100% of the area with aspect 3/4-4/3, flip p=0.5, colour jitter (0.4, 0.4, 0.4, 0.1)
-# with p=0.8, grayscale p=0.2, no blur at 32 px. The same numbers drive both paths.
+# with p=0.8, grayscale p=0.2, no blur at 32 px. experiments/benchmark.py uses the same numbers.
 CROP_SCALE, CROP_RATIO, JITTER, P_JITTER, P_GRAY = (0.08, 1.0), (3 / 4, 4 / 3), (0.4, 0.4, 0.4, 0.1), 0.8, 0.2
 LUMA = torch.tensor([0.299, 0.587, 0.114])  # ITU-R 601, as torchvision's rgb_to_grayscale
 YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
@@ -273,9 +262,8 @@ YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.5
 
 @functools.cache
 def constants_on(device, mean, std):
-    """mean, std (3, 1, 1), LUMA (3, 1, 1), YIQ and its inverse (3, 3), moved to `device` once.
-    A copy from the host (or linalg.inv on CUDA) in every call would make the host wait for
-    the GPU twice per step; the inverse is taken here, on the CPU."""
+    """mean, std (3, 1, 1), LUMA (3, 1, 1), YIQ and its inverse (3, 3), moved to `device` once: a
+    host copy (or linalg.inv on CUDA) per call would make the host wait for the GPU every step."""
     consts = (torch.tensor(mean)[:, None, None], torch.tensor(std)[:, None, None], LUMA[:, None, None], YIQ)
     return *(c.to(device) for c in consts), torch.linalg.inv(YIQ.double()).float().to(device)
 
@@ -329,8 +317,7 @@ def augment(x, gen, mean, std, size=None):
 
 
 def make_backbone(arch, image_size=32):
-    """f: images (B, 3, H, W) -> h (B, D), in channels_last (NHWC convolutions are faster on
-    GPUs and CPUs). Returns (f, D)."""
+    """f: images (B, 3, H, W) -> h (B, D), channels_last (NHWC convolutions are faster). Returns (f, D)."""
     if arch == "tiny":  # four conv layers with a stride-2 stem: a laptop CPU trains it in a minute
         cbr = lambda i, o, s=1: [nn.Conv2d(i, o, 3, s, 1, bias=False), nn.BatchNorm2d(o), nn.ReLU(inplace=True)]  # noqa: E731
         layers = [*cbr(3, 32, 2), *cbr(32, 64), nn.MaxPool2d(2), *cbr(64, 128), nn.MaxPool2d(2), *cbr(128, 256)]
@@ -403,10 +390,9 @@ class Block(nn.Module):
 
 
 class TransformerHead(nn.Module):
-    """g: Linear(D -> d), L blocks, Linear(d -> out), BN (authors' code). The 2N embeddings are
-    ONE sequence, so g is permutation-equivariant over the batch and every sample, its own
-    partner view included, can attend to every other. mask_partner forbids the partner view:
-    tokens i and i + N (the two views of image i) then never see each other."""
+    """g: Linear(D -> d), L blocks, Linear(d -> out), BN (authors' code). The 2N embeddings are ONE
+    sequence: g is permutation-equivariant over the batch, and every token, its partner view
+    included, attends to every other, unless mask_partner hides tokens i and i + N from each other."""
 
     def __init__(self, in_dim, dim=256, depth=10, heads=16, out_dim=512, mask_partner=False, **attn):
         super().__init__()
@@ -472,9 +458,8 @@ def world():
 
 
 def make_optimizer(cfg, f, g, device):
-    """SGD with momentum for f and g, lr scaled by N/128 (SimCLR CIFAR recipe). The learnable
-    attention scales are temperatures: they get no weight decay. Each parameter group keeps its
-    peak lr as base_lr for the schedule."""
+    """SGD with momentum for f and g, lr scaled by N/128 (SimCLR CIFAR recipe); the learnable
+    attention scales are temperatures, without weight decay. base_lr: each group's peak lr."""
     named = [*f.named_parameters(), *g.named_parameters()]
     groups = [{"params": [p for name, p in named if not name.endswith("log_scale")]}]
     groups += [{"params": [p for name, p in named if name.endswith("log_scale")], "weight_decay": 0.0}]
@@ -521,8 +506,7 @@ def gather_tokens(h):
     [v1_0 ... v1_{G-1}; v2_0 ... v2_{G-1}], so token i's partner is i + N as in one process.
     The gather is autograd-aware: its backward sums each token's gradient over the G ranks'
     (identical) losses, so rank r receives G x the one-process gradient of its tokens."""
-    G = world()[1]
-    if G == 1:
+    if (G := world()[1]) == 1:
         return h
     hs = torch.stack(dist_nn.all_gather(h))  # (G, 2B, D)
     return hs.view(G, 2, -1, hs.shape[-1]).transpose(0, 1).reshape(-1, hs.shape[-1])  # (2, G, B, D) -> (2N, D)
@@ -531,8 +515,7 @@ def gather_tokens(h):
 def average_gradients(opt):
     """Mean of the gradients over ranks (DDP's rule), in one all-reduce. For f it turns the
     G-fold gather gradients into the one-process gradient; g's are already equal on all ranks."""
-    G = world()[1]
-    if G == 1:
+    if (G := world()[1]) == 1:
         return
     grads = [p.grad for group in opt.param_groups for p in group["params"] if p.grad is not None]
     flat = torch.cat([gr.flatten() for gr in grads])  # (all parameters,)
@@ -636,10 +619,8 @@ def train(cfg, run_dir, data, device, ckpt=None, build=build):
     f, g, opt, amp, scaler = build(cfg, data[0].shape[-1], device)
     epoch, history = 0, [{"epoch": 0}]
     if ckpt is not None:
-        f.load_state_dict(ckpt["f"])
-        g.load_state_dict(ckpt["g"])
-        opt.load_state_dict(ckpt["opt"])
-        scaler.load_state_dict(ckpt["scaler"])
+        for part, key in ((f, "f"), (g, "g"), (opt, "opt"), (scaler, "scaler")):
+            part.load_state_dict(ckpt[key])
         epoch, history = ckpt["epoch"], ckpt["history"]
         print(f"resumed from {cfg.resume} at epoch {epoch}", flush=True)
     elif rank0:  # the random-init baseline of every monitor
@@ -692,7 +673,7 @@ def train(cfg, run_dir, data, device, ckpt=None, build=build):
     return history
 
 
-# ---- 7. Evaluation: kNN, linear probe, fusion score ------------------------------------
+# ---- 7. Evaluation: kNN, linear probe, fusion scores -----------------------------------
 
 
 @torch.no_grad()
@@ -743,22 +724,21 @@ def linear_probe(train_h, train_y, test_h, test_y, epochs=100, batch=256, seed=0
 def others(labels, pair):
     """Boolean (n, n) masks over the keys j of each query i: `other` = j is neither i nor its
     partner view pair[i]; `same` = other and of i's class (nu_i - 2 keys per row)."""
-    n = len(labels)
-    other = ~torch.eye(n, dtype=torch.bool)
-    other[torch.arange(n), pair] = False
+    other = ~torch.eye(len(labels), dtype=torch.bool)
+    other[torch.arange(len(labels)), pair] = False
     return (labels[:, None] == labels[None, :]) & other, other
 
 
 def fusion_score(A, labels, pair):
-    """THEORY.md's fusion scores of one map A (n, n) over labelled tokens (pair[i]: i's other view):
+    """THEORY.md's fusion scores of a map A (n, n) over labelled tokens (pair[i]: i's other view):
     F  = mean_i sum_{j in C_c(i), j != i, pair(i)} A_ij, chance mean_i (nu_i - 2) / n;
     F~ = mean_i of the same mass over the row's mass outside i and pair(i), chance mean_i (nu_i - 2) / (n - 2).
     A head that keeps its rows on itself scores below chance on F, never on F~.
-    Returns (F, F~, chance of F, chance of F~)."""
+    Returns (F, F~, chance of F, chance of F~); a stack of heads (H, n, n) is averaged first."""
+    A = A.float().mean(0) if A.dim() == 3 else A.float()  # (n, n)
     same, other = others(labels, pair)
     n, k = len(labels), same.sum(1).float()  # k: nu_i - 2
-    inside = (A * same).sum(1)  # (n,)
-    outside = (A * other).sum(1).clamp_min(1e-12)
+    inside, outside = (A * same).sum(1), (A * other).sum(1).clamp_min(1e-12)  # (n,), (n,)
     return inside.mean().item(), (inside / outside).mean().item(), (k / n).mean().item(), (k / (n - 2)).mean().item()
 
 
@@ -772,9 +752,8 @@ def cosine_control(h, labels, pair, entropy):
     parameter-free attention softmax(beta cos(h_i, h_j)) over the keys j != i, pair(i), with beta
     set (by bisection) so that its mean row entropy equals `entropy`, the head's own over those
     keys. It depends on the features h (n, D) alone. Returns (F~ of the control, beta)."""
-    other = others(labels, pair)[1]
     c = F.normalize(h.float(), dim=1)
-    cos = (c @ c.T).masked_fill(~other, float("-inf"))  # (n, n)
+    cos = (c @ c.T).masked_fill(~others(labels, pair)[1], float("-inf"))  # (n, n)
     lo, hi = 0.0, 1000.0  # entropy falls as beta grows: log(n - 2) at beta = 0
     for _ in range(40):
         beta = (lo + hi) / 2
@@ -786,8 +765,7 @@ def fusion_report(attn, labels, pair, h):
     """Per layer of attn (L, heads, n, n), on the map averaged over heads: both fusion scores,
     the self and partner mass, the entropy of the rows outside self and partner, and the
     backbone control at that entropy; F~ per head; the chance levels."""
-    A = attn.float().mean(1)  # (L, n, n)
-    other = others(labels, pair)[1]
+    A, other = attn.float().mean(1), others(labels, pair)[1]  # (L, n, n)
     rest = A * other / (A * other).sum(-1, keepdim=True).clamp_min(1e-12)  # rows outside self and partner
     scores = [fusion_score(a, labels, pair) for a in A]
     entropy = [row_entropy(r) for r in rest]
@@ -802,7 +780,7 @@ def fusion_report(attn, labels, pair, h):
         "entropy": entropy,
         "control_norm": [c[0] for c in control],
         "control_beta": [c[1] for c in control],
-        "fusion_norm_per_head": [[fusion_score(a, labels, pair)[1] for a in layer.float()] for layer in attn],
+        "fusion_norm_per_head": [[fusion_score(a, labels, pair)[1] for a in layer] for layer in attn],
     }
 
 
@@ -934,8 +912,8 @@ def main(argv=None, job=run) -> dict:
             check_config(cfg)
             return job(cfg, ckpt)
     except DeepFusionError as e:
-        print(f"deep_fusion.py: error{f' (rank {rank})' if rank else ''}: {e}", file=sys.stderr)
-        raise SystemExit(e.code) from None
+        print(f"deep_fusion.py: error{f' (rank {rank})' if rank else ''}: {e.args[0]}", file=sys.stderr)
+        raise SystemExit(e.args[1] if len(e.args) > 1 else 2) from None
     finally:
         if world()[1] > 1:
             dist.destroy_process_group()

@@ -65,8 +65,8 @@ def main(argv=None):
     try:
         return [evaluate_run(run) for run in runs]
     except df.DeepFusionError as e:
-        print(f"authors_eval.py: error: {e}", file=sys.stderr)
-        raise SystemExit(e.code) from None
+        print(f"authors_eval.py: error: {e.args[0]}", file=sys.stderr)
+        raise SystemExit(e.args[1] if len(e.args) > 1 else 2) from None
 
 
 if __name__ == "__main__":
