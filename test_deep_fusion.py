@@ -537,6 +537,11 @@ def test_ablations_train_with_the_core_loop_and_the_authors_eval_reads_them(tmp_
     decayed, free = adamw.param_groups
     assert decayed["weight_decay"] == 0.05 and all(p.dim() == 2 for p in decayed["params"])
     assert free["weight_decay"] == 0 and all(p.dim() != 2 for p in free["params"])  # norms, biases
+    flags = argparse.Namespace(attn="softmax", head_opt="sgd", head_lr=None, head_wd=0.0)
+    f, g, opt, *_ = ablations.ablated_build(flags)(cfg, 32, torch.device("cpu"))
+    sgd_f, sgd_g = opt.opts  # the head's own weight decay, the backbone's unchanged
+    assert sgd_f.param_groups[0]["weight_decay"] == cfg.weight_decay and sgd_g.param_groups[0]["weight_decay"] == 0
+    assert {id(p) for group in sgd_g.param_groups for p in group["params"]} == {id(p) for p in g.parameters()}
     run_main(tmp_path, "--epochs", "1", name="plain")
     for run in ("ab", "plain"):
         authors_eval.main([str(tmp_path / run)])

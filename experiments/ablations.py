@@ -3,12 +3,14 @@
   --attn identity   each token attends only to itself: the head mixes nothing across the batch
   --attn uniform    each token attends equally to every token it may see: the batch mean
   --head-opt adamw  AdamW for the head g (--head-lr, and --head-wd on its matrices), SGD for f
+  --head-wd W       the head's own weight decay (with SGD: the backbone keeps --weight-decay)
 
   python experiments/ablations.py --attn uniform [deep_fusion.py flags]
 
 The run folder is deep_fusion.py's, plus ablation.json with these flags (authors_eval.py reads it).
 """
 
+import dataclasses
 import json
 import sys
 import time
@@ -24,7 +26,7 @@ FLAGS = (
     ("--attn", dict(default="softmax", choices=("softmax", "identity", "uniform"), help="fixed attention A")),
     ("--head-opt", dict(default="sgd", choices=("sgd", "adamw"), help="the head's optimizer")),
     ("--head-lr", dict(type=float, default=1e-3, help="peak AdamW lr of g (not scaled by N)")),
-    ("--head-wd", dict(type=float, default=0.05, help="AdamW weight decay of g's matrices")),
+    ("--head-wd", dict(type=float, help="weight decay of the head g alone (AdamW: its matrices, default 0.05)")),
 )
 
 
@@ -83,10 +85,14 @@ def ablated_build(flags):
             for block in g.blocks:
                 block.attn = FixedAttention(cfg.head_dim, cfg.head_heads, flags.attn).to(device)
             opt = df.make_optimizer(cfg, f, g, device)  # over the new parameters
+        if flags.head_opt == "sgd" and flags.head_wd is not None:  # one SGD each, g's with its own decay
+            g_opt = df.make_optimizer(dataclasses.replace(cfg, weight_decay=flags.head_wd), nn.Module(), g, device)
+            opt = Optimizers(df.make_optimizer(cfg, f, nn.Module(), device), g_opt)
         if flags.head_opt == "adamw":
             mats = [p for p in g.parameters() if p.dim() == 2]  # norms, biases and scales: no decay
             rest = [p for p in g.parameters() if p.dim() != 2]
-            groups = [{"params": mats, "weight_decay": flags.head_wd}, {"params": rest, "weight_decay": 0.0}]
+            wd = 0.05 if flags.head_wd is None else flags.head_wd
+            groups = [{"params": mats, "weight_decay": wd}, {"params": rest, "weight_decay": 0.0}]
             adamw = torch.optim.AdamW(groups, lr=flags.head_lr)
             for group in adamw.param_groups:
                 group["base_lr"] = group["lr"]

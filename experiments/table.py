@@ -21,22 +21,40 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project root
 from experiments import ablations, authors_eval, df  # noqa: E402
 
 # name -> [(arm, flags, runner)]; runner "core" is deep_fusion.py, "ablation" experiments/ablations.py
+AUTHORS, TIED = "--head transformer", "--head transformer --qk-tied --attn-scale 4 --mask-partner"
+MLP = ("SimCLR MLP head (reference)", "--head ffn", "core")
 TABLES = {
     "heads": [
         ("SimCLR MLP head", "--head ffn", "core"),
-        ("Transformer head, defaults (the authors')", "--head transformer", "core"),
-        ("tied W^Q = W^K, learnable scale from 4, partner masked", "--qk-tied --attn-scale 4 --mask-partner", "core"),
+        ("Transformer head, defaults (the authors')", AUTHORS, "core"),
+        ("tied W^Q = W^K, learnable scale from 4, partner masked", TIED, "core"),
         ("uniform attention (the batch mean)", "--attn uniform", "ablation"),
     ],
-    "tau": [
-        (f"tau {t}, {h}", f"--tau {t} --head {h}", "core") for t in (0.1, 0.2, 0.5) for h in ("transformer", "ffn")
+    "head_wd": [MLP]
+    + [
+        (f"{name}, head weight decay {wd}", f"{flags} --head-wd {wd}", "ablation")
+        for name, flags in (("authors' head", AUTHORS), ("tied head", TIED))
+        for wd in ("5e-4", "5e-5", "0")
     ],
-    "batch": [
-        (f"N = {n}, {h}", f"--batch-size {n} --head {h}", "core")
+    "tau": [MLP]
+    + [
+        (f"{name}, tau {t}", f"{flags} --tau {t}", "core")
+        for name, flags in (("authors' head", AUTHORS), ("tied head", TIED))
+        for t in (0.1, 0.2, 0.5)
+    ]
+    + [("authors' head, the authors' tau 0.02 and lr 8e-5", f"{AUTHORS} --tau 0.02 --lr 4e-5", "core")],
+    "batch": [MLP]
+    + [
+        (f"{name}, N = {n}", f"{flags} --batch-size {n}", "core")
+        for name, flags in (("authors' head", AUTHORS), ("tied head", TIED))
         for n in (64, 128, 256, 512)
-        for h in ("transformer", "ffn")
     ],
-    "depth": [(f"{L} blocks", f"--head-depth {L}", "core") for L in (1, 2, 4, 10)],
+    "depth": [MLP]
+    + [
+        (f"{name}, {L} block{'s' * (L > 1)}", f"{flags} --head-depth {L}", "core")
+        for name, flags in (("authors' head", AUTHORS), ("tied head", TIED))
+        for L in (1, 2, 4, 10)
+    ],
 }
 
 
