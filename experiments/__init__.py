@@ -1,8 +1,10 @@
 """What measures or researches deep_fusion.py, importing it (never copying it):
 
   benchmark.py     augmentation and training-step throughput of both heads
-  ablations.py     fixed attention (identity, uniform) and AdamW for the head: the core's training, another build
+  ablations.py     fixed attention, the head's own optimizer or weight decay: the core's training, another build
   authors_eval.py  the authors' transductive head-output 1-NN on finished runs
+  table.py         a named results table: arms x seeds, one run after the other, into Markdown + JSON
+  figure.py        a run's attention, labelled: token maps by class and class-to-class matrices
   theory.py        the objects of THEORY.md's two theorems, for the notebook and the tests
 
 Run each from the project root, e.g. `python experiments/benchmark.py --device cpu`; each takes

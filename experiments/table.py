@@ -124,8 +124,9 @@ def make_table(name, seeds, out_dir, common):
     command = f"python experiments/table.py {name} --seeds {seed_list} --out-dir {out_dir} -- {' '.join(common)}"
     header = "| arm | flags | " + " | ".join(c[0] for c in COLUMNS) + " |"
     table = [header, "|" + " --- |" * (len(COLUMNS) + 2), *lines, ""]
-    table.append(f"Mean ± sample standard deviation over seeds {', '.join(map(str, seeds))}; chance of F~: "
-                 f"{chance:.3f}." if chance else f"Seeds {', '.join(map(str, seeds))}.")  # fmt: skip
+    spread = f"Mean ± sample standard deviation over seeds {', '.join(map(str, seeds))}"
+    spread = spread if len(seeds) > 1 else f"One seed ({seeds[0]}): single runs, no spread"
+    table.append(f"{spread}; chance of F~: {chance:.3f}." if chance else f"{spread}.")
     table += ["", "```bash", command, "```", ""]
     (folder / "table.md").write_text("\n".join(table))
     (folder / "runs.json").write_text(json.dumps(runs, indent=1))
