@@ -521,23 +521,29 @@ def test_low_precision_training_runs_on_cpu(tmp_path, precision):
     assert bool(scaler) == (precision == "fp16")  # the scaler's state: only fp16 uses one
 
 
+def ablation_flags(**given):
+    """experiments/ablations.py's flags: its defaults, then `given`."""
+    return argparse.Namespace(**vars(ablations.own_flags([], *ablations.FLAGS)[0]) | given)
+
+
 def test_ablations_train_with_the_core_loop_and_the_authors_eval_reads_them(tmp_path):
     base = [*TINY, "--epochs", "1", "--out-dir", str(tmp_path)]
-    ablations.main([*base, "--run-name", "ab", "--attn", "uniform", "--head-opt", "adamw", "--mask-partner"])
+    flags = ["--attn", "uniform", "--head-opt", "adamw", "--mask-partner", "--clip", "5"]
+    ablations.main([*base, "--run-name", "ab", *flags])
     ckpt = df.load_checkpoint(tmp_path / "ab" / "checkpoint.pt")
     assert len(ckpt["opt"]["opts"]) == 2  # SGD for f, AdamW for g
     assert not any("qkv" in name for name in ckpt["g"])  # fixed attention: values only
     r = json.loads((tmp_path / "ab" / "results.json").read_text())
     assert r["fusion_norm"] == pytest.approx([r["fusion_norm_chance"]] * 2, abs=1e-6)  # uniform attention
     cfg = parse_args(TINY)
-    flags = argparse.Namespace(attn="identity", head_opt="adamw", head_lr=1e-3, head_wd=0.05)
+    flags = ablation_flags(attn="identity", head_opt="adamw", head_wd=0.05)
     f, g, opt, *_ = ablations.ablated_build(flags)(cfg, 32, torch.device("cpu"))
     sgd, adamw = opt.opts
     assert sum(p.numel() for g_ in sgd.param_groups for p in g_["params"]) == sum(p.numel() for p in f.parameters())
     decayed, free = adamw.param_groups
     assert decayed["weight_decay"] == 0.05 and all(p.dim() == 2 for p in decayed["params"])
     assert free["weight_decay"] == 0 and all(p.dim() != 2 for p in free["params"])  # norms, biases
-    flags = argparse.Namespace(attn="softmax", head_opt="sgd", head_lr=None, head_wd=0.0)
+    flags = ablation_flags(head_wd=0.0)
     f, g, opt, *_ = ablations.ablated_build(flags)(cfg, 32, torch.device("cpu"))
     sgd_f, sgd_g = opt.opts  # the head's own weight decay, the backbone's unchanged
     assert sgd_f.param_groups[0]["weight_decay"] == cfg.weight_decay and sgd_g.param_groups[0]["weight_decay"] == 0
@@ -547,6 +553,40 @@ def test_ablations_train_with_the_core_loop_and_the_authors_eval_reads_them(tmp_
         authors_eval.main([str(tmp_path / run)])
         scores = json.loads((tmp_path / run / "authors_1nn.json").read_text())
         assert 0 <= scores["head_1nn_acc"] <= 1 and 0 <= scores["backbone_1nn_acc"] <= 1
+
+
+def test_first_commit_blocks_have_no_residual_and_batchnorm_over_the_tokens(tmp_path):
+    ablations.main([*TINY, "--epochs", "1", "--out-dir", str(tmp_path), "--run-name", "fc", "--block", "first-commit"])
+    rebuilt = authors_eval.evaluate_run(tmp_path / "fc")  # the first-commit head, rebuilt from its folder
+    assert rebuilt["epoch"] == 1 and 0 <= rebuilt["head_1nn_acc"] <= 1
+    cfg = parse_args([*TINY, "--head-depth", "3"])
+    build = ablations.ablated_build(ablation_flags(block="first-commit", bn_eps=0.1))
+    f, g, opt, *_ = build(cfg, 32, torch.device("cpu"))
+    assert all(isinstance(b, ablations.FirstCommitBlock) for b in g.blocks) and len(g.blocks) == 3
+    assert {id(p) for group in opt.param_groups for p in group["params"]} == {
+        id(p) for p in [*f.parameters(), *g.parameters()]
+    }  # the optimizer holds the new blocks' parameters, not the replaced ones
+    block = g.blocks[0].double().train()
+    x = torch.randn(10, cfg.head_dim, dtype=torch.float64)
+    y, _ = block(x)
+    assert torch.allclose(y.mean(0), block.norm2.bias, atol=1e-9)  # BatchNorm over the 10 tokens
+    attn_out = block.attn(x)[0]
+    expected = block.norm2(block.ff(block.norm1(attn_out)))  # no x + ... anywhere
+    assert torch.allclose(y, expected, atol=1e-12) and block.norm1.eps == 0.1
+    assert isinstance(block.ff[1], torch.nn.ReLU)
+    perm = torch.randperm(10)
+    assert torch.allclose(block(x[perm])[0], y[perm], atol=1e-10)  # still equivariant over the batch
+
+
+def test_gradient_clipping_and_old_ablation_folders(tmp_path):
+    w = torch.nn.Parameter(torch.zeros(4))
+    opts = ablations.Optimizers(torch.optim.SGD([w], lr=0.0), clip=1.0)
+    w.grad = torch.full((4,), 3.0)  # norm 6
+    opts.step()
+    assert w.grad.norm().item() == pytest.approx(1.0)
+    (tmp_path / "ablation.json").write_text(json.dumps({"attn": "uniform", "head_opt": "sgd", "head_lr": 1e-3}))
+    flags = ablations.flags_of(tmp_path)  # written before --block existed: the defaults fill in
+    assert (flags.attn, flags.block, flags.bn_eps, flags.clip) == ("uniform", "post-norm", 1e-5, None)
 
 
 class BatchMean(torch.nn.Module):
@@ -1052,6 +1092,12 @@ def test_notebook_runs_top_to_bottom(tmp_path):
 
 
 # ---- The results-table script ----------------------------------------------------------
+
+
+def test_every_table_names_its_arms_distinctly():  # a run folder is named after its arm
+    for arms in table.TABLES.values():
+        assert len({table.slug(arm) for arm, _, _ in arms}) == len(arms)
+        assert all(runner in ("core", "ablation") for *_, runner in arms)
 
 
 def test_table_runs_arms_by_seeds_writes_markdown_and_json_and_skips_finished_runs(tmp_path, monkeypatch, capsys):

@@ -4,12 +4,15 @@
   --attn uniform    each token attends equally to every token it may see: the batch mean
   --head-opt adamw  AdamW for the head g (--head-lr, and --head-wd on its matrices), SGD for f
   --head-wd W       the head's own weight decay (with SGD: the backbone keeps --weight-decay)
+  --block first-commit   the authors' first commit: no residuals, BatchNorm over the 2N tokens, ReLU
+  --bn-eps E        that BatchNorm's eps (torch: 1e-5); --clip C: clip the gradient norm of f and g at C
 
   python experiments/ablations.py --attn uniform [deep_fusion.py flags]
 
 The run folder is deep_fusion.py's, plus ablation.json with these flags (authors_eval.py reads it).
 """
 
+import argparse
 import dataclasses
 import json
 import sys
@@ -27,7 +30,16 @@ FLAGS = (
     ("--head-opt", dict(default="sgd", choices=("sgd", "adamw"), help="the head's optimizer")),
     ("--head-lr", dict(type=float, default=1e-3, help="peak AdamW lr of g (not scaled by N)")),
     ("--head-wd", dict(type=float, help="weight decay of the head g alone (AdamW: its matrices, default 0.05)")),
+    ("--block", dict(default="post-norm", choices=("post-norm", "first-commit"), help="the head's blocks")),
+    ("--bn-eps", dict(type=float, default=1e-5, help="eps of the first-commit blocks' BatchNorm")),
+    ("--clip", dict(type=float, help="clip the gradient norm of f and g at this (default: no clipping)")),
 )
+
+
+def flags_of(run_dir):
+    """The ablation flags a run folder was trained with (defaults for flags newer than the run)."""
+    defaults = vars(own_flags([], *FLAGS)[0])
+    return argparse.Namespace(**defaults | json.loads((Path(run_dir) / "ablation.json").read_text()))
 
 
 class FixedAttention(nn.Module):
@@ -53,11 +65,30 @@ class FixedAttention(nn.Module):
         return self.proj((A @ v).transpose(0, 1).reshape(n, d)), A if return_attention else None
 
 
-class Optimizers:
-    """Several optimizers behind the one optimizer that df.train uses (GradScaler included)."""
+class FirstCommitBlock(df.Block):
+    """The block of the authors' first commit: x = BN(MSA(x)); x = BN(FFN(x)), FFN with ReLU and
+    no residual path, so attention is the only way from one layer to the next. The BatchNorms
+    normalise each feature over the 2N tokens of the batch, which spreads tokens that attention
+    has averaged together apart again. Same attention, same interface as df.Block."""
 
-    def __init__(self, *opts):
-        self.opts = opts
+    def __init__(self, dim, heads, eps=1e-5, **attn):
+        super().__init__(dim, heads, **attn)
+        self.norm1 = nn.BatchNorm1d(dim, eps=eps)
+        self.norm2 = nn.BatchNorm1d(dim, eps=eps)
+        self.ff[1] = nn.ReLU()
+
+    def forward(self, x, mask=None, return_attention=False):  # x (n, d): BatchNorm over the n tokens
+        y, A = self.attn(x, mask, return_attention)
+        x = self.norm1(y)
+        return self.norm2(self.ff(x)), A
+
+
+class Optimizers:
+    """Several optimizers behind the one optimizer that df.train uses (GradScaler included);
+    clip: the gradient norm of all their parameters is clipped to it before each step."""
+
+    def __init__(self, *opts, clip=None):
+        self.opts, self.clip = opts, clip
         self.param_groups = [group for opt in opts for group in opt.param_groups]
 
     def zero_grad(self, set_to_none=True):
@@ -65,6 +96,8 @@ class Optimizers:
             opt.zero_grad(set_to_none=set_to_none)
 
     def step(self):
+        if self.clip is not None:
+            nn.utils.clip_grad_norm_([p for group in self.param_groups for p in group["params"]], self.clip)
         for opt in self.opts:
             opt.step()
 
@@ -81,9 +114,14 @@ def ablated_build(flags):
 
     def build(cfg, image_size, device):
         f, g, opt, amp, scaler = df.build(cfg, image_size, device)
+        if flags.block == "first-commit":  # same seed, same attention weights, new norms and FFN
+            attn = dict(tied=cfg.qk_tied, scale=cfg.attn_scale)
+            blocks = (FirstCommitBlock(cfg.head_dim, cfg.head_heads, flags.bn_eps, **attn) for _ in g.blocks)
+            g.blocks = nn.ModuleList(blocks).to(device)
         if flags.attn != "softmax":
             for block in g.blocks:
                 block.attn = FixedAttention(cfg.head_dim, cfg.head_heads, flags.attn).to(device)
+        if flags.attn != "softmax" or flags.block != "post-norm":
             opt = df.make_optimizer(cfg, f, g, device)  # over the new parameters
         if flags.head_opt == "sgd" and flags.head_wd is not None:  # one SGD each, g's with its own decay
             g_opt = df.make_optimizer(dataclasses.replace(cfg, weight_decay=flags.head_wd), nn.Module(), g, device)
@@ -97,6 +135,8 @@ def ablated_build(flags):
             for group in adamw.param_groups:
                 group["base_lr"] = group["lr"]
             opt = Optimizers(df.make_optimizer(cfg, f, nn.Module(), device), adamw)  # SGD for f alone
+        if flags.clip is not None:
+            opt = Optimizers(*getattr(opt, "opts", [opt]), clip=flags.clip)
         return f, g, opt, amp, scaler
 
     return build
@@ -106,8 +146,9 @@ def job(flags):
     """df.main's job: check the flags, name the run after its ablation, record the flags, run it."""
 
     def run(cfg, ckpt):
-        if cfg.head != "transformer" and (flags.attn != "softmax" or flags.head_opt != "sgd"):
-            raise df.DeepFusionError("--attn and --head-opt ablate the Transformer head; use --head transformer")
+        if cfg.head != "transformer" and (flags.attn, flags.head_opt, flags.block) != ("softmax", "sgd", "post-norm"):
+            fix = "use --head transformer"
+            raise df.DeepFusionError(f"--attn, --head-opt and --block ablate the Transformer head; {fix}")
         if not cfg.run_name and not ckpt:
             stamp = time.strftime("%Y%m%d-%H%M%S")
             cfg.run_name = f"{cfg.dataset}-{cfg.head}-attn-{flags.attn}-{flags.head_opt}-{stamp}"

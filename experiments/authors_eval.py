@@ -8,7 +8,6 @@ test batch (transductive); each test image takes the label of its nearest other 
 (cosine, leave-one-out). Writes authors_1nn.json into each run folder and prints one line per run.
 """
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -18,7 +17,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project root, however this is started
 from experiments import df  # noqa: E402
-from experiments.ablations import ablated_build  # noqa: E402
+from experiments.ablations import ablated_build, flags_of  # noqa: E402
 
 
 @torch.no_grad()
@@ -43,8 +42,7 @@ def evaluate_run(run_dir, device="cpu"):
     run_dir = Path(run_dir)
     ckpt = df.load_checkpoint(run_dir / "checkpoint.pt")
     cfg = df.Config(**{**ckpt["config"], "device": device, "compile": False})
-    ablation = run_dir / "ablation.json"
-    build = ablated_build(argparse.Namespace(**json.loads(ablation.read_text()))) if ablation.exists() else df.build
+    build = ablated_build(flags_of(run_dir)) if (run_dir / "ablation.json").exists() else df.build
     data, device = df.load_dataset(cfg), torch.device(device)
     f, g = build(cfg, data[0].shape[-1], device)[:2]
     f.load_state_dict(ckpt["f"])

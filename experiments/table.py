@@ -23,6 +23,8 @@ from experiments import ablations, authors_eval, df  # noqa: E402
 # name -> [(arm, flags, runner)]; runner "core" is deep_fusion.py, "ablation" experiments/ablations.py
 AUTHORS, TIED = "--head transformer", "--head transformer --qk-tied --attn-scale 4 --mask-partner"
 MLP = ("SimCLR MLP head (reference)", "--head ffn", "core")
+FIRST = "--head transformer --head-heads 4 --block first-commit"  # the authors' first commit: 4 heads
+LONG = "--epochs 100 --eval-every 10"  # later flags win over the common ones
 TABLES = {
     "heads": [
         ("SimCLR MLP head", "--head ffn", "core"),
@@ -48,6 +50,20 @@ TABLES = {
         (f"{name}, N = {n}", f"{flags} --batch-size {n}", "core")
         for name, flags in (("authors' head", AUTHORS), ("tied head", TIED))
         for n in (64, 128, 256, 512)
+    ],
+    "first_commit": [MLP]
+    + [
+        (f"first-commit head (no residuals, BatchNorm), {arm}", f"{FIRST} {flags}", "ablation")
+        for arm, flags in (
+            ("2 blocks", "--head-depth 2"),
+            ("2 blocks, tau 0.2", "--head-depth 2 --tau 0.2"),
+            ("10 blocks, gradient norm clipped at 1", "--head-depth 10 --clip 1"),
+        )
+    ],
+    "length": [
+        ("SimCLR MLP head, 100 epochs", f"--head ffn {LONG}", "core"),
+        ("tied head, tau 0.2, 100 epochs", f"{TIED} --tau 0.2 {LONG}", "core"),
+        ("authors' head, 100 epochs", f"{AUTHORS} {LONG}", "core"),
     ],
     "depth": [MLP]
     + [
