@@ -1113,6 +1113,9 @@ def test_table_runs_arms_by_seeds_writes_markdown_and_json_and_skips_finished_ru
     assert len(rows) == 2 and " ± " in rows[0] and "python experiments/table.py tiny --seeds 0 1" in md
     assert "—" in rows[0] and "—" not in rows[1].split("|")[7]  # the MLP has no attention; uniform has F~
     assert json.loads((tmp_path / "tiny" / "runs.json").read_text()) == runs
+    epochs = [row.strip("| ").split(" | ") for row in (tmp_path / "tiny" / "epochs.md").read_text().splitlines()[2:]]
+    assert [(seed, epoch) for _, seed, epoch, *_ in epochs] == [(s, e) for s in "0101" for e in "01"]  # init, end
+    assert epochs[-1][3] == f"{100 * runs[-1]['results']['knn_acc']:.1f}" and epochs[-1][5] != "—"
     monkeypatch.setattr(df, "main", lambda *a, **k: pytest.fail("a finished run ran again"))
     monkeypatch.setattr(ablations, "main", lambda *a, **k: pytest.fail("a finished run ran again"))
     assert table.main(argv) == runs

@@ -8,7 +8,7 @@ JSON of every run. A rerun skips the runs that finished, so an interrupted table
 Everything after `--` goes to every run (deep_fusion.py's flags). Each arm adds its own flags;
 an arm marked "ablation" runs through experiments/ablations.py. Every run is also evaluated
 with the authors' protocol (experiments/authors_eval.py). Writes <out-dir>/<table>/table.md,
-runs.json and one run folder per arm and seed.
+runs.json, epochs.md (every run's monitor epochs) and one run folder per arm and seed.
 """
 
 import argparse
@@ -119,6 +119,28 @@ COLUMNS = [  # header, how to read one run, scale, digits
 ]
 
 
+EPOCH_COLUMNS = [  # header, how to read one monitor row of metrics.jsonl
+    ("kNN %", lambda r: f"{100 * r['knn_acc']:.1f}"),
+    ("F~, max layer", lambda r: f"{max(r['fusion_norm']):.3f}" if "fusion_norm" in r else "—"),
+    ("F~, last layer", lambda r: f"{r['fusion_norm'][-1]:.3f}" if "fusion_norm" in r else "—"),
+    ("backbone control, last layer", lambda r: f"{r['control_norm'][-1]:.3f}" if "control_norm" in r else "—"),
+    ("entropy, last layer", lambda r: f"{r['entropy'][-1]:.2f}" if "entropy" in r else "—"),
+]
+
+
+def epochs_table(folder, runs):
+    """Markdown: every run's monitor rows (epoch 0 = random init) from its metrics.jsonl."""
+    lines = ["| arm | seed | epoch | " + " | ".join(c[0] for c in EPOCH_COLUMNS) + " |"]
+    lines.append("|" + " --- |" * (len(EPOCH_COLUMNS) + 3))
+    for run in runs:
+        metrics = folder / f"{slug(run['arm'])}-seed{run['seed']}" / "metrics.jsonl"
+        rows = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
+        for r in (r for r in rows if "knn_acc" in r):
+            cells = " | ".join(read(r) for _, read in EPOCH_COLUMNS)
+            lines.append(f"| {run['arm']} | {run['seed']} | {r['epoch']} | {cells} |")
+    return "\n".join(lines) + "\n"
+
+
 def make_table(name, seeds, out_dir, common):
     folder = Path(out_dir) / name
     folder.mkdir(parents=True, exist_ok=True)
@@ -146,6 +168,7 @@ def make_table(name, seeds, out_dir, common):
     table += ["", "```bash", command, "```", ""]
     (folder / "table.md").write_text("\n".join(table))
     (folder / "runs.json").write_text(json.dumps(runs, indent=1))
+    (folder / "epochs.md").write_text(epochs_table(folder, runs))
     print("\n".join(table))
     return runs
 
