@@ -57,6 +57,8 @@ TABLES = {
         for arm, flags in (
             ("2 blocks", "--head-depth 2"),
             ("2 blocks, tau 0.2", "--head-depth 2 --tau 0.2"),
+            ("2 blocks, gradient norm clipped at 1", "--head-depth 2 --clip 1"),
+            ("4 blocks, gradient norm clipped at 1", "--head-depth 4 --clip 1"),
             ("10 blocks, gradient norm clipped at 1", "--head-depth 10 --clip 1"),
         )
     ],
