@@ -1,7 +1,7 @@
 """What measures or researches deep_fusion.py, importing it (never copying it):
 
   benchmark.py     augmentation and training-step throughput of both heads
-  ablations.py     fixed attention, the head's own optimizer or weight decay: the core's training, another build
+  ablations.py     fixed attention, own optimizer or weight decay, first-commit blocks: another build
   authors_eval.py  the authors' transductive head-output 1-NN on finished runs
   table.py         a named results table: arms x seeds, one run after the other, into Markdown + JSON
   figure.py        a run's attention, labelled: token maps by class and class-to-class matrices
