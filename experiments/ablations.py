@@ -114,7 +114,7 @@ def ablated_build(flags):
 
     def build(cfg, image_size, device):
         f, g, opt, amp, scaler = df.build(cfg, image_size, device)
-        if flags.block == "first-commit":  # same seed, same attention weights, new norms and FFN
+        if flags.block == "first-commit":  # new blocks, drawn after df.build's: not the same weights
             attn = dict(tied=cfg.qk_tied, scale=cfg.attn_scale)
             blocks = (FirstCommitBlock(cfg.head_dim, cfg.head_heads, flags.bn_eps, **attn) for _ in g.blocks)
             g.blocks = nn.ModuleList(blocks).to(device)

@@ -80,9 +80,14 @@ def slug(arm):
     return "".join(c if c.isalnum() else "-" for c in arm.lower()).strip("-")[:60]
 
 
+def run_folder(folder, arm, seed):
+    """Where a table keeps the run of one arm and seed."""
+    return folder / f"{slug(arm)}-seed{seed}"
+
+
 def run_arm(folder, arm, flags, runner, seed, common):
     """One run of the table, or its results if it finished before; None if the program stopped it."""
-    run_dir = folder / f"{slug(arm)}-seed{seed}"
+    run_dir = run_folder(folder, arm, seed)
     if (run_dir / "results.json").exists():
         return json.loads((run_dir / "results.json").read_text()) | json.loads(
             (run_dir / "authors_1nn.json").read_text()
@@ -135,7 +140,7 @@ def epochs_table(folder, runs):
     lines = ["| arm | seed | epoch | " + " | ".join(c[0] for c in EPOCH_COLUMNS) + " |"]
     lines.append("|" + " --- |" * (len(EPOCH_COLUMNS) + 3))
     for run in runs:
-        metrics = folder / f"{slug(run['arm'])}-seed{run['seed']}" / "metrics.jsonl"
+        metrics = run_folder(folder, run["arm"], run["seed"]) / "metrics.jsonl"
         rows = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
         for r in (r for r in rows if "knn_acc" in r):
             cells = " | ".join(read(r) for _, read in EPOCH_COLUMNS)
