@@ -523,7 +523,7 @@ def test_low_precision_training_runs_on_cpu(tmp_path, precision):
 
 def ablation_flags(**given):
     """experiments/ablations.py's flags: its defaults, then `given`."""
-    return argparse.Namespace(**vars(ablations.own_flags([], *ablations.FLAGS)[0]) | given)
+    return argparse.Namespace(**ablations.defaults() | given)
 
 
 def test_ablations_train_with_the_core_loop_and_the_authors_eval_reads_them(tmp_path):
@@ -556,8 +556,10 @@ def test_ablations_train_with_the_core_loop_and_the_authors_eval_reads_them(tmp_
 
 
 def test_first_commit_blocks_have_no_residual_and_batchnorm_over_the_tokens(tmp_path):
-    ablations.main([*TINY, "--epochs", "1", "--out-dir", str(tmp_path), "--run-name", "fc", "--block", "first-commit"])
-    rebuilt = authors_eval.evaluate_run(tmp_path / "fc")  # the first-commit head, rebuilt from its folder
+    ablations.main([*TINY, "--epochs", "1", "--out-dir", str(tmp_path), "--block", "first-commit", "--bn-eps", "0.01"])
+    (run,) = tmp_path.iterdir()  # no --run-name: named after the flags that differ from their defaults
+    assert run.name.startswith("synthetic-transformer-block-first-commit-bn-eps-0.01-")
+    rebuilt = authors_eval.evaluate_run(run)  # the first-commit head, rebuilt from its folder
     assert rebuilt["epoch"] == 1 and 0 <= rebuilt["head_1nn_acc"] <= 1
     cfg = parse_args([*TINY, "--head-depth", "3"])
     build = ablations.ablated_build(ablation_flags(block="first-commit", bn_eps=0.1))

@@ -36,10 +36,14 @@ FLAGS = (
 )
 
 
+def defaults():
+    """The ablation flags' defaults, as a dict."""
+    return vars(own_flags([], *FLAGS)[0])
+
+
 def flags_of(run_dir):
     """The ablation flags a run folder was trained with (defaults for flags newer than the run)."""
-    defaults = vars(own_flags([], *FLAGS)[0])
-    return argparse.Namespace(**defaults | json.loads((Path(run_dir) / "ablation.json").read_text()))
+    return argparse.Namespace(**defaults() | json.loads((Path(run_dir) / "ablation.json").read_text()))
 
 
 class FixedAttention(nn.Module):
@@ -149,9 +153,9 @@ def job(flags):
         if cfg.head != "transformer" and (flags.attn, flags.head_opt, flags.block) != ("softmax", "sgd", "post-norm"):
             fix = "use --head transformer"
             raise df.DeepFusionError(f"--attn, --head-opt and --block ablate the Transformer head; {fix}")
-        if not cfg.run_name and not ckpt:
-            stamp = time.strftime("%Y%m%d-%H%M%S")
-            cfg.run_name = f"{cfg.dataset}-{cfg.head}-attn-{flags.attn}-{flags.head_opt}-{stamp}"
+        if not cfg.run_name and not ckpt:  # named after every flag that differs from its default
+            changed = [f"{k.replace('_', '-')}-{v}" for k, v in vars(flags).items() if v != defaults()[k]]
+            cfg.run_name = "-".join([cfg.dataset, cfg.head, *changed, time.strftime("%Y%m%d-%H%M%S")])
         run_dir = Path(cfg.resume).parent if ckpt else Path(cfg.out_dir) / cfg.run_name
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "ablation.json").write_text(json.dumps(vars(flags), indent=2))
