@@ -45,10 +45,9 @@ TABLES = {
         for t in (0.1, 0.2, 0.5)
     ]
     + [("authors' head, the authors' tau 0.02 and lr 8e-5", f"{AUTHORS} --tau 0.02 --lr 4e-5", "core")],
-    "batch": [MLP]
-    + [
+    "batch": [  # the MLP at every N too: a smaller N also takes more steps in the same epochs
         (f"{name}, N = {n}", f"{flags} --batch-size {n}", "core")
-        for name, flags in (("authors' head", AUTHORS), ("tied head", TIED))
+        for name, flags in (("SimCLR MLP head", "--head ffn"), ("authors' head", AUTHORS), ("tied head", TIED))
         for n in (64, 128, 256, 512)
     ],
     "first_commit": [MLP]
