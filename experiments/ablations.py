@@ -69,17 +69,18 @@ class FixedAttention(nn.Module):
         return self.proj((A @ v).transpose(0, 1).reshape(n, d)), A if return_attention else None
 
 
-class FirstCommitBlock(df.Block):
+class FirstCommitBlock(nn.Module):
     """The block of the authors' first commit: x = BN(MSA(x)); x = BN(FFN(x)), FFN with ReLU and
     no residual path, so attention is the only way from one layer to the next. The BatchNorms
     normalise each feature over the 2N tokens of the batch, which spreads tokens that attention
-    has averaged together apart again. Same attention, same interface as df.Block."""
+    has averaged together apart again. Same attention, parameter names and interface as df.Block."""
 
-    def __init__(self, dim, heads, eps=1e-5, **attn):
-        super().__init__(dim, heads, **attn)
+    def __init__(self, dim, heads, eps=1e-5, ff_mult=4, **attn):
+        super().__init__()
+        self.attn = df.Attention(dim, heads, **attn)
         self.norm1 = nn.BatchNorm1d(dim, eps=eps)
         self.norm2 = nn.BatchNorm1d(dim, eps=eps)
-        self.ff[1] = nn.ReLU()
+        self.ff = nn.Sequential(nn.Linear(dim, ff_mult * dim), nn.ReLU(), nn.Linear(ff_mult * dim, dim))
 
     def forward(self, x, mask=None, return_attention=False):  # x (n, d): BatchNorm over the n tokens
         y, A = self.attn(x, mask, return_attention)
