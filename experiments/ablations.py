@@ -155,7 +155,8 @@ def job(flags):
             fix = "use --head transformer"
             raise df.DeepFusionError(f"--attn, --head-opt and --block ablate the Transformer head; {fix}")
         if not cfg.run_name and not ckpt:  # named after every flag that differs from its default
-            changed = [f"{k.replace('_', '-')}-{v}" for k, v in vars(flags).items() if v != defaults()[k]]
+            default = defaults()
+            changed = [f"{k.replace('_', '-')}-{v}" for k, v in vars(flags).items() if v != default[k]]
             cfg.run_name = "-".join([cfg.dataset, cfg.head, *changed, time.strftime("%Y%m%d-%H%M%S")])
         run_dir = Path(cfg.resume).parent if ckpt else Path(cfg.out_dir) / cfg.run_name
         run_dir.mkdir(parents=True, exist_ok=True)
