@@ -5,10 +5,12 @@
   authors_eval.py  the authors' transductive head-output 1-NN on finished runs
   table.py         a named results table: arms x seeds, one run after the other, into Markdown + JSON
   figure.py        a run's attention, labelled: token maps by class and class-to-class matrices
-  theory.py        the objects of THEORY.md's two theorems, for the notebook and the tests
+  fusion.py        the backbone control, row entropy, class-to-class matrices, per-head scores (a monitor)
+  theory.py        the objects of the two theorems (the notebook's sections 3 and 4), for the notebook and tests
 
-Run each from the project root, e.g. `python experiments/benchmark.py --device cpu`; each takes
-deep_fusion.py's flags and adds its own.
+Run each from the project root, e.g. `python experiments/benchmark.py --device cpu`. benchmark.py and
+ablations.py take deep_fusion.py's flags and add their own; authors_eval.py and figure.py take run folders;
+table.py takes a table's name and, after `--`, deep_fusion.py's flags for every run. Results: README.md here.
 """
 
 import sys
@@ -17,14 +19,15 @@ from pathlib import Path
 import deep_fusion as df
 
 
-def own_flags(argv, *flags):
-    """Take a script's own flags, each (name, argparse keywords), out of argv. Returns (their
-    values, the rest for deep_fusion.main); a mistake is one line on stderr and exit 2, as there."""
-    parser = df.Parser(add_help=False, allow_abbrev=False)
+def own_flags(argv, *flags, rest=True):
+    """Parse a script's own flags, each (name, argparse keywords), from argv. Returns (their values, the rest of argv
+    for deep_fusion.main); with rest=False every argument must be the script's own (and --help is its own). A
+    mistake is one line on stderr and exit 2, as in deep_fusion.main."""
+    parser = df.Parser(add_help=not rest, allow_abbrev=False, prog=Path(sys.argv[0]).name)
     for name, kwargs in flags:
         parser.add_argument(name, **kwargs)
     try:
-        return parser.parse_known_args(argv)
+        return parser.parse_known_args(argv) if rest else (parser.parse_args(argv), [])
     except df.DeepFusionError as e:
         print(f"{Path(sys.argv[0]).name}: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -9,7 +9,8 @@
 
   python experiments/ablations.py --attn uniform [deep_fusion.py flags]
 
-The run folder is deep_fusion.py's, plus ablation.json with these flags (authors_eval.py reads it).
+The run folder is deep_fusion.py's, plus ablation.json with these flags (authors_eval.py reads it); the monitor
+is experiments/fusion.py's (the backbone control, row entropy and per-head scores in metrics.jsonl too).
 """
 
 import argparse
@@ -23,7 +24,7 @@ import torch
 import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project root, however this is started
-from experiments import df, own_flags  # noqa: E402
+from experiments import df, fusion, own_flags  # noqa: E402
 
 FLAGS = (
     ("--attn", dict(default="softmax", choices=("softmax", "identity", "uniform"), help="fixed attention A")),
@@ -151,6 +152,11 @@ def job(flags):
     """df.main's job: check the flags, name the run after its ablation, record the flags, run it."""
 
     def run(cfg, ckpt):
+        for name in ("head_lr", "bn_eps", "clip"):  # None: not given
+            if (value := getattr(flags, name)) is not None and value <= 0:
+                raise df.DeepFusionError(f"--{name.replace('_', '-')} {value}: must be positive")
+        if flags.head_wd is not None and flags.head_wd < 0:
+            raise df.DeepFusionError(f"--head-wd {flags.head_wd}: must be 0 or more")
         if cfg.head != "transformer" and (flags.attn, flags.head_opt, flags.block) != ("softmax", "sgd", "post-norm"):
             fix = "use --head transformer"
             raise df.DeepFusionError(f"--attn, --head-opt and --block ablate the Transformer head; {fix}")
@@ -161,7 +167,7 @@ def job(flags):
         run_dir = Path(cfg.resume).parent if ckpt else Path(cfg.out_dir) / cfg.run_name
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "ablation.json").write_text(json.dumps(vars(flags), indent=2))
-        return df.run(cfg, ckpt, build=ablated_build(flags))
+        return df.run(cfg, ckpt, build=ablated_build(flags), monitor=fusion.evaluate)
 
     return run
 

@@ -1,5 +1,5 @@
-"""The authors' evaluation (AUTHORS.md) of finished deep_fusion.py runs, as a labelled second
-column beside the backbone's kNN and linear probe:
+"""The authors' evaluation of finished deep_fusion.py runs (their public code, HuanranLi/DeepFusion: src/KNN.py,
+src/LinearProbing.py), as a labelled second column beside the backbone's kNN and linear probe:
 
   python experiments/authors_eval.py runs/RUN [runs/RUN ...]
 
@@ -40,8 +40,7 @@ def transductive_1nn(cfg, g, h, y):
 def evaluate_run(run_dir, device="cpu"):
     """Rebuild a run's f and g from its checkpoint (an ablation's from its ablation.json), evaluate."""
     run_dir = Path(run_dir)
-    ckpt = df.load_checkpoint(run_dir / "checkpoint.pt")
-    cfg = df.Config(**{**ckpt["config"], "device": device, "compile": False})
+    cfg, ckpt = df.config_for_resume({"resume": str(run_dir / "checkpoint.pt"), "device": device, "compile": False})
     build = ablated_build(flags_of(run_dir)) if (run_dir / "ablation.json").exists() else df.build
     data, device = df.load_dataset(cfg), torch.device(device)
     f, g = build(cfg, data[0].shape[-1], device)[:2]

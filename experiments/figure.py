@@ -1,6 +1,7 @@
-"""The attention figure of a run, labelled for a reader: per layer, the class-sorted token map
-(mean over heads) with class boundaries and names, and beneath it the class-to-class matrix
-(df.class_matrix: mean attention from class a to class b over its uniform value).
+"""The attention figure of a run, labelled for a reader: per layer, the class-sorted token map (mean over heads)
+with class boundaries and names, and beneath it the class-to-class matrix (experiments/fusion.py's class_matrix).
+Every panel shares one scale: n * A for the token maps and the class matrices' ratio over uniform attention, so 1
+(white) is uniform attention, red is more, blue is less; a near-uniform head looks white, not structured.
 
   python experiments/figure.py runs/RUN attention.png [--classes airplane automobile ...]
 
@@ -8,7 +9,6 @@ Class names default to the sorted class folders of an imagefolder run, else "0",
 The notebook draws its figures with plot_attention.
 """
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -17,17 +17,19 @@ import matplotlib.pyplot as plt
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project root, however this is started
-from experiments import df  # noqa: E402
+from experiments import fusion, own_flags  # noqa: E402
+
+SCALE = dict(cmap="RdBu_r", vmin=0.0, vmax=2.0)  # 1 = uniform attention, white
 
 
-def plot_attention(attn, labels, pair, names, title, cols=5):
-    """attn (L, heads, n, n) sorted by class, labels (n,), pair (n,): a matplotlib figure with,
-    per layer, the token map (white = at or above its 99th percentile) over its class matrix."""
+def plot_attention(attn, labels, pair, names, title, note="", cols=5):
+    """attn (L, heads, n, n) sorted by class, labels (n,), pair (n,): a matplotlib figure with, per layer, the
+    token map n * A over its class-to-class matrix, all on SCALE, one colour bar; `note` is a line under the title."""
     A = attn.float().mean(1)  # (L, n, n)
     L, n = len(A), A.shape[-1]
     cols = min(L, cols)
     rows = -(-L // cols)  # rows of layers, rounded up
-    fig, ax = plt.subplots(2 * rows, cols, figsize=(2.4 * cols + 1, 5 * rows), squeeze=False, layout="constrained")
+    fig, ax = plt.subplots(2 * rows, cols, figsize=(2.6 * cols + 1.5, 5.4 * rows), squeeze=False, layout="constrained")
     edges = (torch.nonzero(labels.diff()).flatten() + 1).tolist()  # first token of each new class
     centres = [(a + b) / 2 for a, b in zip([0, *edges], [*edges, n])]
     present = [names[k] for k in labels.unique().tolist()]
@@ -37,40 +39,55 @@ def plot_attention(attn, labels, pair, names, title, cols=5):
             top.axis("off")
             bottom.axis("off")
             continue
-        top.imshow(A[l], cmap="magma", vmin=0, vmax=float(A[l].quantile(0.99)))
+        im = top.imshow(n * A[l], **SCALE)
         for e in edges:
-            top.axhline(e - 0.5, color="white", lw=0.4)
-            top.axvline(e - 0.5, color="white", lw=0.4)
-        top.set_xticks(centres, present, rotation=90, fontsize=6)
-        top.set_yticks(centres, present if l % cols == 0 else [], fontsize=6)  # names on the first column
-        top.set_title(f"layer {l + 1}: tokens", fontsize=8)
-        M = df.class_matrix(A[l], labels, pair)  # (K, K), 1 = uniform
-        im = bottom.imshow(M, cmap="RdBu_r", vmin=0, vmax=2)
-        bottom.set_xticks(range(len(present)), present, rotation=90, fontsize=6)
-        bottom.set_yticks(range(len(present)), present if l % cols == 0 else [], fontsize=6)
-        bottom.set_title(f"layer {l + 1}: class to class", fontsize=8)
-    fig.colorbar(im, ax=ax.ravel().tolist(), shrink=0.4, label="class to class: attention over its uniform value")
-    fig.suptitle(title)
+            top.axhline(e - 0.5, color="grey", lw=0.4)
+            top.axvline(e - 0.5, color="grey", lw=0.4)
+        top.set_xticks(centres, present, rotation=90, fontsize=8)
+        top.set_yticks(centres, present if l % cols == 0 else [], fontsize=8)  # names on the first column
+        top.set_title(f"layer {l + 1}: tokens", fontsize=10)
+        bottom.imshow(fusion.class_matrix(A[l], labels, pair), **SCALE)
+        bottom.set_xticks(range(len(present)), present, rotation=90, fontsize=8)
+        bottom.set_yticks(range(len(present)), present if l % cols == 0 else [], fontsize=8)
+        bottom.set_title(f"layer {l + 1}: class to class", fontsize=10)
+    fig.colorbar(im, ax=ax.ravel().tolist(), shrink=0.5, label="attention over uniform (n A; 1 = uniform)")
+    fig.suptitle(f"{title}\n{note}" if note else title, fontsize=11)
     return fig
 
 
+def describe(cfg, n):
+    """A plain-language title and a how-to-read line for a run's config (a dict) and its n tokens."""
+    data = {"imagefolder": f"image folder {Path(cfg['data_dir']).name}"}.get(cfg["dataset"], cfg["dataset"])
+    head = f"Transformer head, {cfg['head_depth']} layers x {cfg['head_heads']} heads"
+    head += ", tied W^Q = W^K" if cfg["qk_tied"] else ", separate W^Q, W^K (the authors')"
+    title = f"{data}, {cfg['arch']} backbone, {cfg['epochs']} epochs, {head}, seed {cfg['seed']}: {n} tokens"
+    partner = "its partner view is masked (blue dots)" if cfg["mask_partner"] else "its partner view is visible"
+    note = f"Rows: a token's attention, mean over heads, by class. Diagonal: the token itself; {partner}."
+    return title, note
+
+
+FLAGS = (
+    ("run_dir", dict(help="a finished Transformer run of deep_fusion.py")),
+    ("out", dict(help="the PNG to write")),
+    ("--classes", dict(nargs="+", help="class names in label order")),
+)
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("run_dir")
-    p.add_argument("out")
-    p.add_argument("--classes", nargs="+")
-    args = p.parse_args(argv)
+    args = own_flags(argv, *FLAGS, rest=False)[0]
     plt.switch_backend("Agg")  # a file, no window (the notebook keeps its own backend)
     run_dir = Path(args.run_dir)
-    maps = torch.load(run_dir / "attention.pt", weights_only=True)
-    cfg = json.loads((run_dir / "config.json").read_text())
+    try:
+        maps = torch.load(run_dir / "attention.pt", weights_only=True)
+        cfg = json.loads((run_dir / "config.json").read_text())
+    except (OSError, RuntimeError) as e:
+        print(f"figure.py: error: {run_dir}: not a finished Transformer run ({e})", file=sys.stderr)
+        raise SystemExit(2) from None
     names = args.classes
     if names is None and cfg["dataset"] == "imagefolder":
-        names = sorted(d.name for d in (Path(cfg["data_dir"]) / "val").iterdir() if d.is_dir())
+        names = sorted(d.name for d in (Path(cfg["data_dir"]) / "train").iterdir() if d.is_dir())
     names = names or [str(k) for k in range(int(maps["labels"].max()) + 1)]
-    head = "tied W^Q = W^K" if cfg["qk_tied"] else "separate W^Q, W^K"
-    title = f"{run_dir.name}\n{cfg['head']} head ({head}), mean over heads, tokens sorted by class"
-    fig = plot_attention(maps["attn"], maps["labels"], maps["pair"], names, title)
+    fig = plot_attention(maps["attn"], maps["labels"], maps["pair"], names, *describe(cfg, len(maps["labels"])))
     fig.savefig(args.out, dpi=110, bbox_inches="tight")
     print(f"wrote {args.out}")
 

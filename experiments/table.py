@@ -5,20 +5,20 @@ JSON of every run. A rerun skips the runs that finished, so an interrupted table
   python experiments/table.py heads --seeds 0 1 2 --out-dir tables -- \\
       --dataset imagefolder --data-dir cifar-subset --image-size 32 --arch tiny --epochs 10 --batch-size 256
 
-Everything after `--` goes to every run (deep_fusion.py's flags). Each arm adds its own flags;
-an arm marked "ablation" runs through experiments/ablations.py. Every run is also evaluated
-with the authors' protocol (experiments/authors_eval.py). Writes <out-dir>/<table>/table.md,
+Everything after `--` goes to every run (deep_fusion.py's flags; none: the synthetic default). Each arm adds its
+own flags; an arm marked "ablation" runs through experiments/ablations.py. Every run trains with
+experiments/fusion.py's monitor (the backbone control per monitor epoch) and is also evaluated with the
+authors' protocol (experiments/authors_eval.py). Writes <out-dir>/<table>/table.md,
 runs.json, epochs.md (every run's monitor epochs) and one run folder per arm and seed.
 """
 
-import argparse
 import json
 import statistics
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project root, however this is started
-from experiments import ablations, authors_eval, df  # noqa: E402
+from experiments import ablations, authors_eval, df, fusion, own_flags  # noqa: E402
 
 # name -> [(arm, flags, runner)]; runner "core" is deep_fusion.py, "ablation" experiments/ablations.py
 AUTHORS, TIED = "--head transformer", "--head transformer --qk-tied --attn-scale 4 --mask-partner"
@@ -94,7 +94,10 @@ def run_arm(folder, arm, flags, runner, seed, common):
     argv = [*common, *flags.split(), "--seed", str(seed), "--out-dir", str(folder), "--run-name", run_dir.name]
     print(f"== {arm}, seed {seed}: {' '.join(argv)}", flush=True)
     try:
-        (ablations.main if runner == "ablation" else df.main)(argv)
+        if runner == "ablation":
+            ablations.main(argv)
+        else:
+            df.main(argv, job=lambda cfg, ckpt: df.run(cfg, ckpt, monitor=fusion.evaluate))
     except SystemExit as e:  # a collapse or NaN stop: recorded, the table goes on
         print(f"== stopped (exit {e.code}); recorded as such", flush=True)
         return None
@@ -179,14 +182,20 @@ def make_table(name, seeds, out_dir, common):
     return runs
 
 
+FLAGS = (  # table.py's own; deep_fusion.py's for every run come after `--`
+    ("table", dict(help=f"the table's name: {', '.join(sorted(TABLES))}")),
+    ("--seeds", dict(type=int, nargs="+", default=[0, 1, 2], help="one run per arm and seed")),
+    ("--out-dir", dict(default="tables", help="parent folder of <table>/")),
+)
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     ours, common = (argv[: argv.index("--")], argv[argv.index("--") + 1 :]) if "--" in argv else (argv, [])
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("table", choices=sorted(TABLES))
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--out-dir", default="tables")
-    args = p.parse_args(ours)
+    args = own_flags(ours, *FLAGS, rest=False)[0]
+    if args.table not in TABLES:
+        print(f"table.py: error: no table {args.table!r}; choose from {', '.join(sorted(TABLES))}", file=sys.stderr)
+        raise SystemExit(2)
     return make_table(args.table, args.seeds, args.out_dir, common)
 
 

@@ -1,6 +1,6 @@
-"""The objects of THEORY.md's two theorems: union-of-subspaces data with Theorem 1's weights
-W^Q* = W^K* = sqrt(beta) F, single-head softmax attention, and Theorem 2's class diameters.
-The notebook (sections 3 and 4) and the tests build on these."""
+"""The objects of the two theorems as the notebook states them (sections 3 and 4): union-of-subspaces data with
+Theorem 1's weights W^Q* = W^K* = sqrt(beta) F, single-head softmax attention, and Theorem 2's class diameters.
+The notebook and the tests build on these."""
 
 import torch
 import torch.nn.functional as F

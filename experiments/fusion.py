@@ -1,0 +1,67 @@
+"""Research diagnostics of a Transformer head's attention, beyond deep_fusion.py's fusion report:
+
+  row_entropy      how spread a map's rows are (log(n - 2) = uniform over the keys outside self and partner)
+  cosine_control   F~ of the parameter-free attention softmax(beta cos(h_i, h_j)) on the backbone's features,
+                   at the head's own row entropy: the fusion that the backbone's neighbourhoods alone give
+  class_matrix     K x K class-to-class attention over its uniform value
+  report           per layer: entropy, the control at that entropy, and F~ per head
+  evaluate         deep_fusion.evaluate plus report: the monitor that ablations.py and table.py train with
+
+A head whose F~ does not beat its control adds no class structure beyond the backbone's own neighbourhoods.
+"""
+
+import torch
+import torch.nn.functional as F
+
+from experiments import df
+
+
+def row_entropy(A):
+    """Mean entropy (nats) of the rows of A (n, n)."""
+    return -(A * A.clamp_min(1e-30).log()).sum(1).mean().item()
+
+
+def cosine_control(h, labels, pair, entropy):
+    """F~ of softmax(beta cos(h_i, h_j)) over the keys j != i, pair(i), with beta set by bisection so that its mean
+    row entropy equals `entropy` (the head's own over those keys). Depends on h (n, D) alone. Returns (F~, beta)."""
+    c = F.normalize(h.float(), dim=1)
+    cos = (c @ c.T).masked_fill(~df.others(labels, pair)[1], float("-inf"))  # (n, n)
+    lo, hi = 0.0, 1000.0  # entropy falls as beta grows: log(n - 2) at beta = 0
+    for _ in range(40):
+        beta = (lo + hi) / 2
+        lo, hi = (beta, hi) if row_entropy(torch.softmax(beta * cos, 1)) > entropy else (lo, beta)
+    return df.fusion_score(torch.softmax(beta * cos, 1), labels, pair)[1], beta
+
+
+def class_matrix(A, labels, pair):
+    """K x K: the mean over class a's tokens of the mass on class b's (self and partner left out, each row
+    renormalised), over its value for uniform attention: a flat 1 is class-blind, a bright diagonal is fusion."""
+    other = df.others(labels, pair)[1].float()
+    onehot = F.one_hot(labels.unique(return_inverse=True)[1]).float()  # (n, K)
+    mean_by_class = lambda M: onehot.T @ (M / M.sum(1, keepdim=True)) @ onehot / onehot.sum(0)[:, None]  # noqa: E731
+    return mean_by_class(A.float() * other) / mean_by_class(other)  # (K, K)
+
+
+def report(attn, labels, pair, h):
+    """Per layer of attn (L, heads, n, n): the entropy of the rows outside self and partner (heads averaged), the
+    backbone control at that entropy and its beta; F~ per head."""
+    A, other = attn.float().mean(1), df.others(labels, pair)[1]  # (L, n, n)
+    rest = A * other / (A * other).sum(-1, keepdim=True).clamp_min(1e-12)  # rows outside self and partner
+    entropy = [row_entropy(r) for r in rest]
+    control = [cosine_control(h, labels, pair, e) for e in entropy]
+    return {
+        "entropy": entropy,
+        "control_norm": [c[0] for c in control],
+        "control_beta": [c[1] for c in control],
+        "fusion_norm_per_head": [[df.fusion_score(a, labels, pair)[1] for a in layer] for layer in attn],
+    }
+
+
+def evaluate(cfg, f, g, data, device, run_dir, final=False):
+    """deep_fusion.evaluate, and for a Transformer head the report on the same labeled batch (the same maps: the
+    batch and its augmentation are seeded)."""
+    out = df.evaluate(cfg, f, g, data, device, run_dir, final)
+    if cfg.head == "transformer":
+        attn, labels, pair, h = df.attention_maps(cfg, f, g, data[2], data[3], device)
+        out |= report(attn, labels, pair, h)
+    return out
