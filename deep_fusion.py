@@ -6,7 +6,7 @@ Heads", arXiv 2403.18681. One file: torch, torchvision, numpy.
   python deep_fusion.py                                        # CPU smoke run: synthetic data, tiny CNN
   python deep_fusion.py --dataset cifar10 --head transformer   # GPU: ResNet-18, the authors' head
   torchrun --nproc-per-node 4 deep_fusion.py --dataset cifar10 --batch-size 1024   # one global sequence
-Measured (the first command, 2-core CPU, about 1 minute): kNN 74.8% (random-init backbone 29.3%). Results on
+Measured (the first command, 2-core CPU, 90 s): kNN 73.4% (random-init backbone 29.3%), linear 90.2%. Results on
 real images, with their commands: experiments/README.md; the theorems, proved and checked: tutorial.ipynb.
 
 Index (paper / notebook -> code)
@@ -710,11 +710,11 @@ def run(cfg, ckpt=None, build=build, monitor=None):
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
     print(f"run folder {run_dir} | device {device} | {cfg.arch} + {cfg.head} head | {len(data[0])} images", flush=True)
-    t0 = time.time()
+    t0, saved = time.time(), run_dir / "checkpoint.pt"
     try:  # Ctrl-C: the epoch in progress is lost; the last finished epoch's checkpoint resumes exactly
         history = train(cfg, run_dir, data, device, ckpt, build, monitor)
     except KeyboardInterrupt:
-        raise DeepFusionError(f"interrupted; continue with --resume {run_dir}/checkpoint.pt", 130) from None
+        stop("interrupted", f"continue with --resume {saved}" if saved.exists() else "run it again", saved, 130)
     if RANK:
         return {}
     r = history[-1] | {"knn_acc_init": history[0]["knn_acc"], "device": str(device)}  # the results

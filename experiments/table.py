@@ -3,7 +3,8 @@ slow each other many times over), then the Markdown table (mean ± sample std ov
 JSON of every run. A rerun skips the runs that finished, so an interrupted table resumes.
 
   python experiments/table.py heads --seeds 0 1 2 --out-dir tables -- \\
-      --dataset imagefolder --data-dir cifar-subset --image-size 32 --arch tiny --epochs 10 --batch-size 256
+      --dataset imagefolder --data-dir data/cifar-subset --image-size 32 --arch tiny --epochs 10 \\
+      --batch-size 256 --eval-every 2
 
 Everything after `--` goes to every run (deep_fusion.py's flags; none: the synthetic default). Each arm adds its
 own flags; an arm marked "ablation" runs through experiments/ablations.py. Every run trains with
