@@ -169,7 +169,8 @@ def make_table(name, seeds, out_dir, common):
         None,
     )
     seed_list = " ".join(map(str, seeds))
-    command = f"python experiments/table.py {name} --seeds {seed_list} --out-dir {out_dir} -- {' '.join(common)}"
+    command = f"python experiments/table.py {name} --seeds {seed_list} --out-dir {out_dir}"
+    command += f" -- {' '.join(common)}" if common else ""  # no flags after --: the synthetic default
     header = "| arm | flags | " + " | ".join(c[0] for c in COLUMNS) + " |"
     table = [header, "|" + " --- |" * (len(COLUMNS) + 2), *lines, ""]
     spread = f"Mean ± sample standard deviation over seeds {', '.join(map(str, seeds))}"
