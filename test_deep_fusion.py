@@ -341,7 +341,7 @@ def test_knn_accuracy_separable_and_against_naive():
     assert df.knn_accuracy(htr, ytr, hte_noisy, yte, k=7, t=0.1) == pytest.approx(expected)
 
 
-# ---- Theorems (THEORY.md) --------------------------------------------------------------
+# ---- Theorems (the notebook, sections 3 and 4) ----------------------------------------------------
 
 SIZES = [5, 9, 14, 3]  # unequal classes: nu_i varies
 
