@@ -1355,8 +1355,10 @@ def accepted_flags(script):
     core = {"--" + f.name.replace("_", "-") for f in df.dataclasses.fields(df.Config)} | {"--help"}
     own = {"experiments/ablations.py": ablations.FLAGS, "experiments/benchmark.py": benchmark.FLAGS}
     own |= {"experiments/table.py": table.FLAGS, "experiments/figure.py": figure.FLAGS}
+    own |= {"experiments/learned.py": learned.FLAGS}
     names = {name for name, _ in own.get(script, ()) if name.startswith("--")}
-    return names | (core if script in ("deep_fusion.py", *own) and script != "experiments/figure.py" else set())
+    takes_core = script in ("deep_fusion.py", "experiments/ablations.py", "experiments/benchmark.py")
+    return names | (core if takes_core else set())
 
 
 def test_every_command_in_the_docs_takes_the_flags_it_shows():
