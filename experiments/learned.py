@@ -2,7 +2,7 @@
 attention becomes class-aligned layer by layer, beyond what the inputs' own neighbourhoods give.
 
   python experiments/learned.py --opt adamw --head tied --depth 4 --nuisance 3 --seed 0
-  python experiments/learned.py --table --seeds 0 1 2 --out-dir tables/learned
+  python experiments/learned.py --table --seeds 0 1 2   # resumes experiments/results/learned/runs.json
 
 The data are Theorem 1's (notebook section 3): K classes, each in its own sub_dim-dimensional subspace of R^dim
 (orthonormal, so independent), coordinates c_k + N(0, I) with |c_k| = 2 (the margin, on average). Each view adds
@@ -36,7 +36,7 @@ FLAGS = (
     ("--seed", dict(type=int, default=0)),
     ("--table", dict(action="store_true", help="run the whole grid (nuisance x opt x head x depth x seeds)")),
     ("--seeds", dict(type=int, nargs="+", default=[0, 1, 2], help="with --table")),
-    ("--out-dir", dict(default="tables/learned", help="with --table: where results.json and table.md go")),
+    ("--out-dir", dict(default="experiments/results/learned", help="with --table: where runs.json and table.md go")),
 )
 K, SUB, DIM, NUIS = 4, 3, 32, 12  # classes, their subspaces' dimension, the ambient one, the nuisance's
 
@@ -143,7 +143,8 @@ def table(seeds, out_dir):
         peak = [max(r["fusion_norm"]) for r in runs]
         lines.append(f"| {nu:g} | {opt} | {head} | {depth} | {ms(last)} | {ms(ctrl)} | {ms(peak)} |")
     chance = done[0]["chance"]
-    lines.append(f"\nMean ± sample std over seeds {' '.join(map(str, seeds))}; chance of F~ {chance:.3f}.")
+    spread = f"Mean ± sample std over seeds {' '.join(map(str, seeds))}" if len(seeds) > 1 else f"One seed ({seeds[0]})"
+    lines.append(f"\n{spread}; chance of F~ {chance:.3f}.")
     lines.append(
         f"\n```bash\npython experiments/learned.py --table --seeds {' '.join(map(str, seeds))} --out-dir {out_dir}\n```"
     )
