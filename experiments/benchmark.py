@@ -12,7 +12,6 @@ steps per figure, 10), prints one line per figure and writes <out-dir>/benchmark
 import dataclasses
 import functools
 import json
-import os
 import resource
 import sys
 import time
@@ -56,7 +55,7 @@ def peak_memory_mb(device):
 
 def benchmark(cfg, steps):
     """Every figure for the config's data, backbone and precision, as a dict."""
-    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+    if df.WORLD > 1:  # torchrun's process count, as deep_fusion.py read it
         raise df.DeepFusionError("the benchmark measures one device; run it without torchrun")
     if steps < 1:
         raise df.DeepFusionError(f"--bench-steps {steps}: must be positive")

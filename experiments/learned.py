@@ -68,13 +68,13 @@ def train_one(head="authors", opt="adamw", depth=4, nuisance=3.0, steps=1500, ba
     f = nn.Identity()  # no backbone: h = x
     if backbone:
         f = nn.Sequential(nn.Linear(DIM, 64), nn.BatchNorm1d(64), nn.ReLU(), nn.Linear(64, DIM))
-    named = [*f.named_parameters(), *g.named_parameters()]
-    groups = [{"params": [p for n, p in named if not n.endswith("log_scale")]}]
-    groups += [{"params": [p for n, p in named if n.endswith("log_scale")], "weight_decay": 0.0}]  # a temperature
-    if opt == "adamw":
+    if opt == "sgd":  # deep_fusion.py's own: the recipe's lr 0.06 x N/128, momentum 0.9, weight decay 5e-4
+        optimizer = df.make_optimizer(df.Config(batch_size=batch_size), f, g, torch.device("cpu"))
+    else:  # AdamW; the learnable scales are temperatures, without weight decay (as in make_optimizer)
+        named = [*f.named_parameters(), *g.named_parameters()]
+        groups = [{"params": [p for n, p in named if not n.endswith("log_scale")]}]
+        groups += [{"params": [p for n, p in named if n.endswith("log_scale")], "weight_decay": 0.0}]
         optimizer = torch.optim.AdamW(groups, lr=1e-3, weight_decay=1e-4)
-    else:  # the recipe's SGD: momentum 0.9, weight decay 5e-4, lr 0.06 per 128 images
-        optimizer = torch.optim.SGD(groups, lr=0.06 * batch_size / 128, momentum=0.9, weight_decay=5e-4)
     base, warmup = optimizer.param_groups[0]["lr"], steps // 10  # warmup, then cosine, as deep_fusion.py
     gen, t0 = torch.Generator().manual_seed(seed + 1), time.time()
     for step in range(steps):
