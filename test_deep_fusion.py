@@ -1103,6 +1103,7 @@ def test_cifar_download_failure_is_one_line(tmp_path, capsys, monkeypatch):
         (ablations, ["--head-lr", "0"], "--head-lr 0.0: must be positive"),
         (ablations, ["--head-wd", "-0.1"], "--head-wd -0.1: must be 0 or more"),
         (ablations, ["--attn", "soft"], "invalid choice"),
+        (ablations, ["--freeze-backbone", "no-such-run/checkpoint.pt"], "no such file; give 'random' or a run's"),
         (figure, ["no-such-run", "out.png"], "not a finished Transformer run"),
         (figure, ["only-one-argument"], "required"),
         (table, ["no-such-table"], "no table 'no-such-table'; choose from batch"),
@@ -1284,12 +1285,13 @@ def test_learned_setting_data_and_report(tmp_path, monkeypatch, capsys):
     r = learned.train_one("tied", "sgd", depth=2, nuisance=1.0, steps=5, backbone=True)
     assert len(r["fusion_norm"]) == len(r["control_x"]) == len(r["control_h"]) == len(r["entropy"]) == 2
     assert 0.2 < r["chance"] < 0.3 and all(0 <= v <= 1 for v in r["fusion_norm"] + r["control_x"])
-    monkeypatch.setattr(learned, "GRID", [(1.0, "adamw", "authors", 1), (0.0, "sgd", "tied", 2)])
+    monkeypatch.setattr(learned, "GRID", [(1.0, "adamw", "authors", 1, False), (1.0, "adamw", "authors", 1, True)])
     monkeypatch.setattr(learned, "train_one", lambda *a, **k: {**r, "nuisance": a[3], "opt": a[1], "head": a[0],
-                                                               "depth": a[2], "seed": k["seed"]})  # fmt: skip
+                                                               "depth": a[2], **k})  # fmt: skip
     runs = learned.table([0, 1], tmp_path)
     md = (tmp_path / "table.md").read_text()
-    assert len(runs) == 4 and md.count(" ± ") == 2 * 3 + 1 and "--table --seeds 0 1" in md  # 2 rows, the footer
+    assert len(runs) == 4 and "--table --seeds 0 1" in md  # the same row with and without a backbone: 2 runs each
+    assert md.count(" ± ") == 3 + 4 + 1 and md.count("— (h = x)") == 1  # the control on h where there is an h
     monkeypatch.setattr(learned, "train_one", lambda *a, **k: pytest.fail("a finished run ran again"))
     assert learned.table([0, 1], tmp_path) == runs
     with pytest.raises(SystemExit) as e:
@@ -1308,15 +1310,27 @@ def test_every_table_names_its_arms_distinctly():  # a run folder is named after
 
 def test_table_runs_arms_by_seeds_writes_markdown_and_json_and_skips_finished_runs(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(
-        table.TABLES, "tiny", [("MLP", "--head ffn", "core"), ("uniform", "--attn uniform", "ablation")]
-    )
+        table.TABLES,
+        "tiny",
+        [
+            ("MLP", "--head ffn", "core"),
+            ("uniform", "--attn uniform " + table.MLP_F.replace("simclr-mlp-head--reference", "mlp"), "ablation"),
+        ],
+    )  # the second arm trains its head on the same seed's MLP backbone, frozen
     argv = ["tiny", "--seeds", "0", "1", "--out-dir", str(tmp_path), "--", *TINY, "--epochs", "1"]
     runs = table.main(argv)
     assert [(r["arm"], r["seed"]) for r in runs] == [("MLP", 0), ("MLP", 1), ("uniform", 0), ("uniform", 1)]
     assert runs[0]["results"]["knn_acc"] != runs[1]["results"]["knn_acc"]  # two seeds, two runs
     md = (tmp_path / "tiny" / "table.md").read_text()
-    rows = [line for line in md.splitlines() if line.startswith("| MLP") or line.startswith("| uniform")]
+    table_md, layers_md = md.split("Every layer")
+    rows = [line for line in table_md.splitlines() if line.startswith("| MLP") or line.startswith("| uniform")]
     assert len(rows) == 2 and " ± " in rows[0] and "python experiments/table.py tiny --seeds 0 1" in md
+    assert "| uniform | 0.073 0.073 | " in layers_md and "| MLP" not in layers_md  # 2 layers; the MLP has none
+    for seed in (0, 1):  # the frozen backbone is the MLP run's, to the last BatchNorm statistic
+        f_mlp, f_frozen = (
+            torch.load(tmp_path / "tiny" / f"{arm}-seed{seed}" / "checkpoint.pt")["f"] for arm in ("mlp", "uniform")
+        )
+        assert all(torch.equal(f_mlp[k], v) for k, v in f_frozen.items())
     assert "—" in rows[0] and "—" not in rows[1].split("|")[7]  # the MLP has no attention; uniform has F~
     assert json.loads((tmp_path / "tiny" / "runs.json").read_text()) == runs
     epochs = [row.strip("| ").split(" | ") for row in (tmp_path / "tiny" / "epochs.md").read_text().splitlines()[2:]]

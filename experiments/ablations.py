@@ -6,6 +6,8 @@
   --head-wd W       the head's own weight decay (with SGD: the backbone keeps --weight-decay)
   --block first-commit   the authors' first commit: no residuals, BatchNorm over the 2N tokens, ReLU
   --bn-eps E        that BatchNorm's eps (torch: 1e-5); --clip C: clip the gradient norm of f and g at C
+  --freeze-backbone random|RUN/checkpoint.pt   f fixed (its random init, or a run's trained f), in eval mode:
+                    the head g is trained alone on f's features
 
   python experiments/ablations.py --attn uniform [deep_fusion.py flags]
 
@@ -34,6 +36,7 @@ FLAGS = (
     ("--block", dict(default="post-norm", choices=("post-norm", "first-commit"), help="the head's blocks")),
     ("--bn-eps", dict(type=float, default=1e-5, help="eps of the first-commit blocks' BatchNorm")),
     ("--clip", dict(type=float, help="clip the gradient norm of f and g at this (default: no clipping)")),
+    ("--freeze-backbone", dict(help="'random' or a run's checkpoint.pt: f fixed, the head trained alone")),
 )
 
 
@@ -120,6 +123,11 @@ def ablated_build(flags):
 
     def build(cfg, image_size, device):
         f, g, opt, amp, scaler = df.build(cfg, image_size, device)
+        if flags.freeze_backbone:  # no gradient, and BatchNorm keeps its statistics: f.train() is a no-op
+            if flags.freeze_backbone != "random":
+                f.load_state_dict(torch.load(flags.freeze_backbone, map_location=device, weights_only=True)["f"])
+            f.requires_grad_(False).eval()
+            f.train = lambda mode=True: f  # df.train calls f.train() every epoch
         if flags.block == "first-commit":  # new blocks, drawn after df.build's: not the same weights
             attn = dict(tied=cfg.qk_tied, scale=cfg.attn_scale)
             blocks = (FirstCommitBlock(cfg.head_dim, cfg.head_heads, flags.bn_eps, **attn) for _ in g.blocks)
@@ -155,6 +163,10 @@ def job(flags):
         for name in ("head_lr", "bn_eps", "clip"):  # None: not given
             if (value := getattr(flags, name)) is not None and value <= 0:
                 raise df.DeepFusionError(f"--{name.replace('_', '-')} {value}: must be positive")
+        frozen = flags.freeze_backbone
+        if frozen not in (None, "random") and not Path(frozen).is_file():
+            fix = "give 'random' or a run's checkpoint.pt"
+            raise df.DeepFusionError(f"--freeze-backbone {frozen}: no such file; {fix}")
         if flags.head_wd is not None and flags.head_wd < 0:
             raise df.DeepFusionError(f"--head-wd {flags.head_wd}: must be 0 or more")
         if cfg.head != "transformer" and (flags.attn, flags.head_opt, flags.block) != ("softmax", "sgd", "post-norm"):
@@ -162,7 +174,8 @@ def job(flags):
             raise df.DeepFusionError(f"--attn, --head-opt and --block ablate the Transformer head; {fix}")
         if not cfg.run_name and not ckpt:  # named after every flag that differs from its default
             default = defaults()
-            changed = [f"{k.replace('_', '-')}-{v}" for k, v in vars(flags).items() if v != default[k]]
+            changed = [f"{k.replace('_', '-')}-{Path(str(v)).parent.name or v}" for k, v in vars(flags).items()
+                       if v != default[k]]  # fmt: skip
             cfg.run_name = "-".join([cfg.dataset, cfg.head, *changed, time.strftime("%Y%m%d-%H%M%S")])
         run_dir = Path(cfg.resume).parent if ckpt else Path(cfg.out_dir) / cfg.run_name
         run_dir.mkdir(parents=True, exist_ok=True)

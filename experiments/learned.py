@@ -34,7 +34,7 @@ FLAGS = (
     ("--batch-size", dict(type=int, default=128, help="N images per step (2N tokens)")),
     ("--backbone", dict(action="store_true", help="train a small MLP backbone f with the head")),
     ("--seed", dict(type=int, default=0)),
-    ("--table", dict(action="store_true", help="run the whole grid (nuisance x opt x head x depth x seeds)")),
+    ("--table", dict(action="store_true", help="the grid (nuisance x opt x head x depth, + 2 backbone rows) x seeds")),
     ("--seeds", dict(type=int, nargs="+", default=[0, 1, 2], help="with --table")),
     ("--out-dir", dict(default="experiments/results/learned", help="with --table: where runs.json and table.md go")),
 )
@@ -117,8 +117,9 @@ def show(r):
     return "\n".join(lines)
 
 
-GRID = [(nu, opt, head, depth) for nu in (0.0, 1.0, 3.0) for opt in ("sgd", "adamw") for head in ("authors", "tied")
-        for depth in (1, 2, 4, 8)]  # fmt: skip
+GRID = [(nu, opt, head, depth, False) for nu in (0.0, 1.0, 3.0) for opt in ("sgd", "adamw")
+        for head in ("authors", "tied") for depth in (1, 2, 4, 8)]  # fmt: skip
+GRID += [(3.0, "adamw", head, 4, True) for head in ("authors", "tied")]  # a backbone co-trained: the control on h
 
 
 def table(seeds, out_dir):
@@ -126,22 +127,24 @@ def table(seeds, out_dir):
     folder = Path(out_dir)
     folder.mkdir(parents=True, exist_ok=True)
     done = json.loads((folder / "runs.json").read_text()) if (folder / "runs.json").exists() else []
-    key = lambda r: (r["nuisance"], r["opt"], r["head"], r["depth"], r["seed"])  # noqa: E731
+    key = lambda r: (r["nuisance"], r["opt"], r["head"], r["depth"], r["backbone"], r["seed"])  # noqa: E731
     have = {key(r) for r in done}
-    for nu, opt, head, depth in GRID:
+    for nu, opt, head, depth, backbone in GRID:
         for seed in seeds:
-            if (nu, opt, head, depth, seed) not in have:
-                done.append(train_one(head, opt, depth, nu, seed=seed))
+            if (nu, opt, head, depth, backbone, seed) not in have:
+                done.append(train_one(head, opt, depth, nu, backbone=backbone, seed=seed))
                 print(show(done[-1]), flush=True)
                 (folder / "runs.json").write_text(json.dumps(done, indent=1))
     ms = lambda v: f"{statistics.mean(v):.3f} ± {statistics.stdev(v):.3f}" if len(v) > 1 else f"{v[0]:.3f}"  # noqa: E731
-    lines = ["| nuisance | optimizer | head | blocks | F~, last layer | control on x, last layer | F~, max layer |"]
-    lines.append("|" + " --- |" * 7)
-    for nu, opt, head, depth in GRID:
-        runs = [r for r in done if key(r)[:4] == (nu, opt, head, depth) and r["seed"] in seeds]
+    lines = ["| nuisance | optimizer | head | blocks | backbone | F~, last layer | control on x, last layer |"
+             " control on h, last layer | F~, max layer |", "|" + " --- |" * 9]  # fmt: skip
+    for nu, opt, head, depth, backbone in GRID:
+        runs = [r for r in done if key(r)[:5] == (nu, opt, head, depth, backbone) and r["seed"] in seeds]
         last, ctrl = [r["fusion_norm"][-1] for r in runs], [r["control_x"][-1] for r in runs]
+        on_h = ms([r["control_h"][-1] for r in runs]) if backbone else "— (h = x)"
         peak = [max(r["fusion_norm"]) for r in runs]
-        lines.append(f"| {nu:g} | {opt} | {head} | {depth} | {ms(last)} | {ms(ctrl)} | {ms(peak)} |")
+        cells = f"{nu:g} | {opt} | {head} | {depth} | {'MLP' if backbone else 'none'}"
+        lines.append(f"| {cells} | {ms(last)} | {ms(ctrl)} | {on_h} | {ms(peak)} |")
     chance = done[0]["chance"]
     spread = f"Mean ± sample std over seeds {' '.join(map(str, seeds))}" if len(seeds) > 1 else f"One seed ({seeds[0]})"
     lines.append(f"\n{spread}; chance of F~ {chance:.3f}.")

@@ -26,6 +26,9 @@ AUTHORS, TIED = "--head transformer", "--head transformer --qk-tied --attn-scale
 MLP = ("SimCLR MLP head (reference)", "--head ffn", "core")
 FIRST = "--head transformer --head-heads 4 --block first-commit"  # the authors' first commit: 4 heads
 LONG = "--epochs 100 --eval-every 10"  # later flags win over the common ones
+ADAMW = "--head-opt adamw --head-lr 1e-3"  # the head's own optimizer (experiments/ablations.py)
+RANDOM_F = "--freeze-backbone random"  # f stays its initialisation; the head trains alone
+MLP_F = "--freeze-backbone {folder}/simclr-mlp-head--reference-seed{seed}/checkpoint.pt"  # slug(MLP), same seed
 TABLES = {
     "heads": [
         ("SimCLR MLP head", "--head ffn", "core"),
@@ -67,6 +70,13 @@ TABLES = {
         ("tied head, tau 0.2, 100 epochs", f"{TIED} --tau 0.2 {LONG}", "core"),
         ("authors' head, 100 epochs", f"{AUTHORS} {LONG}", "core"),
     ],
+    "learned": [  # issue: the regimes where a head might have to fuse on its own; the MLP first, its f is reused
+        MLP,
+        ("authors' head, its own AdamW", f"{AUTHORS} {ADAMW}", "ablation"),
+        ("authors' head, its own AdamW, random backbone frozen", f"{AUTHORS} {ADAMW} {RANDOM_F}", "ablation"),
+        ("authors' head, its own AdamW, the MLP run's backbone frozen", f"{AUTHORS} {ADAMW} {MLP_F}", "ablation"),
+        ("authors' head, its own AdamW, 100 epochs", f"{AUTHORS} {ADAMW} {LONG}", "ablation"),
+    ],
     "depth": [MLP]
     + [
         (f"{name}, {L} block{'s' * (L > 1)}", f"{flags} --head-depth {L}", "core")
@@ -92,6 +102,7 @@ def run_arm(folder, arm, flags, runner, seed, common):
         return json.loads((run_dir / "results.json").read_text()) | json.loads(
             (run_dir / "authors_1nn.json").read_text()
         )
+    flags = flags.format(folder=folder, seed=seed)  # an arm may name another run's folder
     argv = [*common, *flags.split(), "--seed", str(seed), "--out-dir", str(folder), "--run-name", run_dir.name]
     print(f"== {arm}, seed {seed}: {' '.join(argv)}", flush=True)
     try:
@@ -151,6 +162,17 @@ def epochs_table(folder, runs):
     return "\n".join(lines) + "\n"
 
 
+def by_layer(runs):
+    """Markdown: per arm with attention, F~, its backbone control and the entropy at every layer, mean over seeds."""
+    lines = ["| arm | F~ by layer | backbone control by layer | entropy by layer (nats) |", "|" + " --- |" * 4]
+    for arm in dict.fromkeys(r["arm"] for r in runs if r["results"] and "fusion_norm" in r["results"]):
+        done = [r["results"] for r in runs if r["arm"] == arm and r["results"]]
+        cells = [" ".join(f"{statistics.mean(v):.{d}f}" for v in zip(*(r[key] for r in done))) for key, d in
+                 (("fusion_norm", 3), ("control_norm", 3), ("entropy", 2))]  # fmt: skip
+        lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+    return [] if len(lines) == 2 else ["Every layer, first to last, mean over the seeds that finished:", "", *lines, ""]
+
+
 def make_table(name, seeds, out_dir, common):
     folder = Path(out_dir) / name
     folder.mkdir(parents=True, exist_ok=True)
@@ -176,7 +198,7 @@ def make_table(name, seeds, out_dir, common):
     spread = f"Mean ± sample standard deviation over seeds {', '.join(map(str, seeds))}"
     spread = spread if len(seeds) > 1 else f"One seed ({seeds[0]}): single runs, no spread"
     table.append(f"{spread}; chance of F~: {chance:.3f}." if chance else f"{spread}.")
-    table += ["", "```bash", command, "```", ""]
+    table += ["", "```bash", command, "```", "", *by_layer(runs)]
     (folder / "table.md").write_text("\n".join(table))
     (folder / "runs.json").write_text(json.dumps(runs, indent=1))
     (folder / "epochs.md").write_text(epochs_table(folder, runs))
