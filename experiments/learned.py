@@ -145,9 +145,10 @@ def table(seeds, out_dir):
         peak = [max(r["fusion_norm"]) for r in runs]
         cells = f"{nu:g} | {opt} | {head} | {depth} | {'MLP' if backbone else 'none'}"
         lines.append(f"| {cells} | {ms(last)} | {ms(ctrl)} | {on_h} | {ms(peak)} |")
-    chance = done[0]["chance"]
+    chance = {r["seed"]: r["chance"] for r in done}  # the same labelled batch in every run of a seed
+    chance = " ".join(f"{chance[seed]:.3f}" for seed in seeds)
     spread = f"Mean ± sample std over seeds {' '.join(map(str, seeds))}" if len(seeds) > 1 else f"One seed ({seeds[0]})"
-    lines.append(f"\n{spread}; chance of F~ {chance:.3f}.")
+    lines.append(f"\n{spread}; chance of F~ {chance} (each seed has its own labelled batch).")
     lines.append(
         f"\n```bash\npython experiments/learned.py --table --seeds {' '.join(map(str, seeds))} --out-dir {out_dir}\n```"
     )

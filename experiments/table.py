@@ -29,6 +29,8 @@ LONG = "--epochs 100 --eval-every 10"  # later flags win over the common ones
 ADAMW = "--head-opt adamw --head-lr 1e-3"  # the head's own optimizer (experiments/ablations.py)
 RANDOM_F = "--freeze-backbone random"  # f stays its initialisation; the head trains alone
 MLP_F = "--freeze-backbone {folder}/simclr-mlp-head--reference-seed{seed}/checkpoint.pt"  # slug(MLP), same seed
+MINIMAL = f"{AUTHORS} --head-dim 64 --head-heads 4 --head-depth 4 --head-out 64 --mask-partner --tau 0.5 {LONG}"
+MINIMAL += " --head-opt adamw --head-lr 1e-3 --head-wd 1e-4"  # experiments/learned.py's head and AdamW, 1,500 steps
 TABLES = {
     "heads": [
         ("SimCLR MLP head", "--head ffn", "core"),
@@ -75,8 +77,9 @@ TABLES = {
         ("authors' head, its own AdamW", f"{AUTHORS} {ADAMW}", "ablation"),
         ("authors' head, its own AdamW, random backbone frozen", f"{AUTHORS} {ADAMW} {RANDOM_F}", "ablation"),
         ("authors' head, its own AdamW, the MLP run's backbone frozen", f"{AUTHORS} {ADAMW} {MLP_F}", "ablation"),
-        ("authors' head, its own AdamW, 100 epochs", f"{AUTHORS} {ADAMW} {LONG}", "ablation"),
+        ("learned.py's head and AdamW, 1,500 steps, the MLP run's backbone frozen", f"{MINIMAL} {MLP_F}", "ablation"),
     ],
+    "learned_long": [("authors' head, its own AdamW, 100 epochs", f"{AUTHORS} {ADAMW} {LONG}", "ablation")],
     "depth": [MLP]
     + [
         (f"{name}, {L} block{'s' * (L > 1)}", f"{flags} --head-depth {L}", "core")
