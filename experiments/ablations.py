@@ -174,6 +174,7 @@ def job(flags):
             raise df.DeepFusionError(f"--attn, --head-opt and --block ablate the Transformer head; {fix}")
         if not cfg.run_name and not ckpt:  # named after every flag that differs from its default
             default = defaults()
+            # a checkpoint path is named by its run folder
             changed = [f"{k.replace('_', '-')}-{Path(str(v)).parent.name or v}" for k, v in vars(flags).items()
                        if v != default[k]]  # fmt: skip
             cfg.run_name = "-".join([cfg.dataset, cfg.head, *changed, time.strftime("%Y%m%d-%H%M%S")])

@@ -21,6 +21,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project root, however this is started
 from experiments import ablations, authors_eval, df, fusion, own_flags  # noqa: E402
 
+
+def slug(arm):
+    """A run folder's name for an arm."""
+    return "".join(c if c.isalnum() else "-" for c in arm.lower()).strip("-")[:60]
+
+
 # name -> [(arm, flags, runner)]; runner "core" is deep_fusion.py, "ablation" experiments/ablations.py
 AUTHORS, TIED = "--head transformer", "--head transformer --qk-tied --attn-scale 4 --mask-partner"
 MLP = ("SimCLR MLP head (reference)", "--head ffn", "core")
@@ -28,7 +34,7 @@ FIRST = "--head transformer --head-heads 4 --block first-commit"  # the authors'
 LONG = "--epochs 100 --eval-every 10"  # later flags win over the common ones
 ADAMW = "--head-opt adamw --head-lr 1e-3"  # the head's own optimizer (experiments/ablations.py)
 RANDOM_F = "--freeze-backbone random"  # f stays its initialisation; the head trains alone
-MLP_F = "--freeze-backbone {folder}/simclr-mlp-head--reference-seed{seed}/checkpoint.pt"  # slug(MLP), same seed
+MLP_F = f"--freeze-backbone {{folder}}/{slug(MLP[0])}-seed{{seed}}/checkpoint.pt"  # the same seed's MLP run
 MINIMAL = f"{AUTHORS} --head-dim 64 --head-heads 4 --head-depth 4 --head-out 64 --mask-partner --tau 0.5 {LONG}"
 MINIMAL += " --head-opt adamw --head-lr 1e-3 --head-wd 1e-4"  # experiments/learned.py's head and AdamW, 1,500 steps
 TABLES = {
@@ -72,7 +78,7 @@ TABLES = {
         ("tied head, tau 0.2, 100 epochs", f"{TIED} --tau 0.2 {LONG}", "core"),
         ("authors' head, 100 epochs", f"{AUTHORS} {LONG}", "core"),
     ],
-    "learned": [  # issue: the regimes where a head might have to fuse on its own; the MLP first, its f is reused
+    "learned": [  # regimes where the head might have to fuse on its own; the MLP runs first: its f is reused
         MLP,
         ("authors' head, its own AdamW", f"{AUTHORS} {ADAMW}", "ablation"),
         ("authors' head, its own AdamW, random backbone frozen", f"{AUTHORS} {ADAMW} {RANDOM_F}", "ablation"),
@@ -87,10 +93,6 @@ TABLES = {
         for L in (1, 2, 4, 10)
     ],
 }
-
-
-def slug(arm):
-    return "".join(c if c.isalnum() else "-" for c in arm.lower()).strip("-")[:60]
 
 
 def run_folder(folder, arm, seed):
