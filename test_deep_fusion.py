@@ -1108,7 +1108,7 @@ def test_cifar_download_failure_is_one_line(tmp_path, capsys, monkeypatch):
         (figure, ["no-such-run", "out.png"], "not a finished Transformer run"),
         (figure, ["only-one-argument"], "required"),
         (table, ["no-such-table"], "no table 'no-such-table'; choose from batch"),
-        (authors_eval, ["no-such-run"], "not a readable deep_fusion.py checkpoint"),
+        (authors_eval, ["no-such-run"], "no-such-run: no checkpoint.pt; give the folder of a finished"),
     ],
 )
 def test_experiments_bad_input_is_one_line(tmp_path, capsys, script, argv, fragment):

@@ -40,6 +40,8 @@ def transductive_1nn(cfg, g, h, y):
 def evaluate_run(run_dir, device="cpu"):
     """Rebuild a run's f and g from its checkpoint (an ablation's from its ablation.json), evaluate."""
     run_dir = Path(run_dir)
+    if not (run_dir / "checkpoint.pt").is_file():  # else the error would name a --resume flag never given
+        raise df.DeepFusionError(f"{run_dir}: no checkpoint.pt; give the folder of a finished deep_fusion.py run")
     cfg, ckpt = df.config_for_resume({"resume": str(run_dir / "checkpoint.pt"), "device": device, "compile": False})
     build = ablated_build(flags_of(run_dir)) if (run_dir / "ablation.json").exists() else df.build
     data, device = df.load_dataset(cfg), torch.device(device)
