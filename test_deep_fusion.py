@@ -1119,6 +1119,16 @@ def test_experiments_bad_input_is_one_line(tmp_path, capsys, script, argv, fragm
     assert not (tmp_path / "out").exists()
 
 
+def test_a_frozen_backbone_is_refused_under_torchrun(tmp_path, capsys, monkeypatch):
+    """DistributedDataParallel cannot wrap an f with nothing to train: one line before any run starts."""
+    monkeypatch.setattr(df, "WORLD", 2)  # as torchrun's WORLD_SIZE=2 sets it at import
+    with pytest.raises(SystemExit) as e:
+        ablations.main(["--freeze-backbone", "random", "--out-dir", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and err.endswith("--freeze-backbone random: not under torchrun; run it in one process")
+    assert not (tmp_path / "out").exists()
+
+
 # ---- Bad checkpoints -------------------------------------------------------------------
 
 

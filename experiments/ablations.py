@@ -7,7 +7,7 @@
   --block first-commit   the authors' first commit: no residuals, BatchNorm over the 2N tokens, ReLU
   --bn-eps E        that BatchNorm's eps (torch: 1e-5); --clip C: clip the gradient norm of f and g at C
   --freeze-backbone random|RUN/checkpoint.pt   f fixed (its random init, or a run's trained f), in eval mode:
-                    the head g is trained alone on f's features
+                    the head g is trained alone on f's features (one process: not under torchrun)
 
   python experiments/ablations.py --attn uniform [deep_fusion.py flags]
 
@@ -167,6 +167,8 @@ def job(flags):
         if frozen not in (None, "random") and not Path(frozen).is_file():
             fix = "give 'random' or a run's checkpoint.pt"
             raise df.DeepFusionError(f"--freeze-backbone {frozen}: no such file; {fix}")
+        if frozen and df.WORLD > 1:  # DistributedDataParallel refuses a module with nothing to train
+            raise df.DeepFusionError(f"--freeze-backbone {frozen}: not under torchrun; run it in one process")
         if flags.head_wd is not None and flags.head_wd < 0:
             raise df.DeepFusionError(f"--head-wd {flags.head_wd}: must be 0 or more")
         if cfg.head != "transformer" and (flags.attn, flags.head_opt, flags.block) != ("softmax", "sgd", "post-norm"):
