@@ -10,7 +10,8 @@ its own nuisance, `--nuisance` x N(0, I) in a shared subspace orthogonal to the 
 variance. There is no image and, unless --backbone, no backbone: h = x. deep_fusion.py's TransformerHead (partner
 masked) and nt_xent train on fresh batches of N images; each run prints per layer the normalised fusion score F~
 (deep_fusion.fusion_report), its control at the same row entropy (experiments/fusion.py) on the inputs x and,
-with --backbone, on the backbone's output h, and the rows' entropy.
+with --backbone, on the backbone's output h, the oracle control (the same at the same entropy on x with the nuisance
+subspace projected out, known here), and the rows' entropy.
 """
 
 import json
@@ -59,6 +60,20 @@ def views(bases, nuisance_basis, centres, N, nuisance, g):
     return torch.cat([x + own() + noise(), x + own() + noise()]), y
 
 
+def eval_batch(seed, nuisance):
+    """The fixed labelled batch every run of a seed is measured on: x (256, DIM), labels (256,), pair (256,)."""
+    bases, nuisance_basis, centres = setting(seed)
+    x, y = views(bases, nuisance_basis, centres, 128, nuisance, torch.Generator().manual_seed(10_000 + seed))
+    return x, torch.cat([y, y]), torch.arange(256).roll(128)
+
+
+def oracle(x, nuisance_basis, labels, pair, entropies):
+    """The oracle control by layer: F~ of the cosine attention on x with the nuisance subspace projected out
+    (x - x N N^T, a nuisance-blind per-token metric) at each layer's row entropy."""
+    blind = x - x @ nuisance_basis @ nuisance_basis.T  # (n, DIM)
+    return [fusion.cosine_control(blind, labels, pair, e)[0] for e in entropies]
+
+
 def train_one(head="authors", opt="adamw", depth=4, nuisance=3.0, steps=1500, batch_size=128, backbone=False, seed=0):
     """Train, then measure on a fixed labelled batch; returns the per-layer report (and the run's settings)."""
     torch.manual_seed(seed)
@@ -87,8 +102,7 @@ def train_one(head="authors", opt="adamw", depth=4, nuisance=3.0, steps=1500, ba
         optimizer.step()
     f.eval()
     g.eval()
-    x, y = views(bases, nuisance_basis, centres, 128, nuisance, torch.Generator().manual_seed(10_000 + seed))
-    labels, pair = torch.cat([y, y]), torch.arange(256).roll(128)
+    x, labels, pair = eval_batch(seed, nuisance)
     with torch.no_grad():
         h = f(x)
         maps = torch.stack(g(h, return_attention=True)[1])  # (L, heads, n, n)
@@ -97,6 +111,7 @@ def train_one(head="authors", opt="adamw", depth=4, nuisance=3.0, steps=1500, ba
     out = {"head": head, "opt": opt, "depth": depth, "nuisance": nuisance, "steps": steps, "backbone": backbone}
     out |= {"seed": seed, "loss": loss.item(), "fusion_norm": r["fusion_norm"], "chance": r["fusion_norm_chance"]}
     out |= {"control_x": on_x["control_norm"], "entropy": on_x["entropy"], "time_s": round(time.time() - t0, 1)}
+    out["oracle_x"] = oracle(x, nuisance_basis, labels, pair, on_x["entropy"])
     if backbone:
         out["control_h"] = fusion.report(maps, labels, pair, h)["control_norm"]
     return out
@@ -111,6 +126,8 @@ def show(r):
     ]
     lines.append(f"  F~ by layer          {row(r['fusion_norm'])} (chance {r['chance']:.3f})")
     lines.append(f"  control on inputs x  {row(r['control_x'])}")
+    if "oracle_x" in r:
+        lines.append(f"  oracle (no nuisance) {row(r['oracle_x'])}")
     if "control_h" in r:
         lines.append(f"  control on h = f(x)  {row(r['control_h'])}")
     lines.append(f"  entropy (nats)       {' '.join(f'{v:.2f}' for v in r['entropy'])}")
@@ -123,7 +140,9 @@ GRID += [(3.0, "adamw", head, 4, True) for head in ("authors", "tied")]  # a bac
 
 
 def table(seeds, out_dir):
-    """The grid, every seed; a finished run is read back. Markdown: mean +- std over seeds of F~ and its control."""
+    """The grid, every seed; a finished run is read back, and a run without the oracle control gets it (it needs only
+    the run's seed, nuisance and entropies). Markdown: mean +- std over seeds of F~, its controls and the final loss;
+    then by layer, F~ minus the oracle control."""
     folder = Path(out_dir)
     folder.mkdir(parents=True, exist_ok=True)
     done = json.loads((folder / "runs.json").read_text()) if (folder / "runs.json").exists() else []
@@ -135,20 +154,39 @@ def table(seeds, out_dir):
                 done.append(train_one(head, opt, depth, nu, backbone=backbone, seed=seed))
                 print(show(done[-1]), flush=True)
                 (folder / "runs.json").write_text(json.dumps(done, indent=1))
+    missing = [r for r in done if "oracle_x" not in r]
+    for r in missing:  # runs made before the oracle control existed: the same batch, regenerated from the seed
+        x, labels, pair = eval_batch(r["seed"], r["nuisance"])
+        r["oracle_x"] = oracle(x, setting(r["seed"])[1], labels, pair, r["entropy"])
+    if missing:
+        (folder / "runs.json").write_text(json.dumps(done, indent=1))
     ms = lambda v: f"{statistics.mean(v):.3f} ± {statistics.stdev(v):.3f}" if len(v) > 1 else f"{v[0]:.3f}"  # noqa: E731
     lines = ["| nuisance | optimizer | head | blocks | backbone | F~, last layer | control on x, last layer |"
-             " control on h, last layer | F~, max layer |", "|" + " --- |" * 9]  # fmt: skip
+             " oracle control, last layer | control on h, last layer | F~, max layer | final loss |",
+             "|" + " --- |" * 11]  # fmt: skip
+    by_layer = ["| nuisance | optimizer | head | blocks | backbone | F~ by layer | oracle control by layer |"
+                " F~ minus oracle by layer (seeds above it) |", "|" + " --- |" * 8]  # fmt: skip
     for nu, opt, head, depth, backbone in GRID:
         runs = [r for r in done if key(r)[:5] == (nu, opt, head, depth, backbone) and r["seed"] in seeds]
         last, ctrl = [r["fusion_norm"][-1] for r in runs], [r["control_x"][-1] for r in runs]
         on_h = ms([r["control_h"][-1] for r in runs]) if backbone else "— (h = x)"
         peak = [max(r["fusion_norm"]) for r in runs]
         cells = f"{nu:g} | {opt} | {head} | {depth} | {'MLP' if backbone else 'none'}"
-        lines.append(f"| {cells} | {ms(last)} | {ms(ctrl)} | {on_h} | {ms(peak)} |")
+        oracle_last, loss = [r["oracle_x"][-1] for r in runs], [r["loss"] for r in runs]
+        lines.append(f"| {cells} | {ms(last)} | {ms(ctrl)} | {ms(oracle_last)} | {on_h} | {ms(peak)} | {ms(loss)} |")
+        mean = lambda k, runs=runs: [statistics.mean(v) for v in zip(*(r[k] for r in runs))]  # noqa: E731  by layer
+        gaps = [[a - b for a, b in zip(r["fusion_norm"], r["oracle_x"])] for r in runs]  # (seeds, layers)
+        gap = " ".join(f"{statistics.mean(g):+.3f} ({sum(v > 0 for v in g)}/{len(g)})" for g in zip(*gaps))
+        row = lambda v: " ".join(f"{u:.3f}" for u in v)  # noqa: E731
+        by_layer.append(f"| {cells} | {row(mean('fusion_norm'))} | {row(mean('oracle_x'))} | {gap} |")
     chance = {r["seed"]: r["chance"] for r in done}  # the same labelled batch in every run of a seed
     chance = " ".join(f"{chance[seed]:.3f}" for seed in seeds)
     spread = f"Mean ± sample std over seeds {' '.join(map(str, seeds))}" if len(seeds) > 1 else f"One seed ({seeds[0]})"
-    lines.append(f"\n{spread}; chance of F~ {chance} (each seed has its own labelled batch).")
+    lines.append(
+        f"\n{spread}; chance of F~ {chance} (each seed has its own labelled batch). The oracle control is the"
+        " inputs' cosine attention at the head's row entropy with the nuisance subspace projected out."
+    )
+    lines += ["\nEvery layer, mean over the seeds; in brackets, the seeds whose F~ is above the oracle's.\n", *by_layer]
     lines.append(
         f"\n```bash\npython experiments/learned.py --table --seeds {' '.join(map(str, seeds))} --out-dir {out_dir}\n```"
     )
