@@ -40,13 +40,18 @@ import torch.distributed.nn.functional as dist_nn
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
-from torchvision.datasets.folder import default_loader
 from torchvision.transforms import v2 as transforms
 
 # ---- 1. Config -------------------------------------------------------------------------
 DATASETS, ARCHS = ("synthetic", "cifar10", "cifar100", "imagefolder"), ("tiny", "resnet18", "resnet34", "resnet50")
 MOMENTUM, KNN_T, LOG_EVERY = 0.9, 0.1, 20  # SGD momentum (authors' code); kNN vote temperature; steps per log line
-RANK, WORLD = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))  # torchrun's: this process, G
+
+
+def ranks():
+    """(rank, G processes): the process group's once there is one (torchrun's or a caller's own), else torchrun's."""
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
 def arg(default, help, choices=None):
@@ -69,8 +74,8 @@ class Config:
     qk_tied: bool = arg(False, "W^Q = W^K: attention logits are a similarity (Theorem 1's construction)")
     attn_scale: float = arg(0.0, "a learnable per-head attention logit scale starting here (0: fixed, as the authors)")
     mask_partner: bool = arg(False, "the Transformer head may not attend to a token's other view")
-    epochs: int | None = arg(None, "training epochs (paper: 1000)")
-    batch_size: int | None = arg(None, "N images per step; the head sees 2N tokens (paper: 1024)")
+    epochs: int | None = arg(None, "training epochs (authors' code: 1000)")
+    batch_size: int | None = arg(None, "N images per step; the head sees 2N tokens (authors' code: 1024)")
     lr: float = arg(0.06, "SGD learning rate per 128 images, scaled by N/128 (SimCLR CIFAR recipe)")
     weight_decay: float = arg(5e-4, "SGD weight decay (authors' code, SimCLR CIFAR recipe)")
     tau: float = arg(0.5, "NT-Xent temperature (SimCLR CIFAR recipe; authors' code: 0.02)")
@@ -100,7 +105,7 @@ TRANSFORMER_HEAD = {
 }
 SIMCLR_HEAD = dict(head_dim=None, head_depth=2, head_heads=1, head_out=128)  # Linear(D, D)-BN-ReLU-Linear(D, 128)
 CKPT_FORMAT = "deep-fusion/5"  # 5: the config without sync_bn, momentum, knn_t, log_every
-RUNTIME_ONLY = set("resume device compile out_dir run_name".split())  # a resumed run may change these
+RUNTIME_ONLY = set("resume device precision compile out_dir run_name".split())  # a resumed run may change these
 POSITIVE = "epochs batch_size lr tau knn_k head_dim head_depth head_heads head_out image_size".split()
 POSITIVE += "synthetic_train synthetic_test attn_batch".split()
 NON_NEGATIVE = "attn_scale weight_decay warmup_epochs eval_every linear_epochs".split()
@@ -138,10 +143,8 @@ def resolve(cfg: Config) -> Config:
         if (value := getattr(cfg, name)) is not None and (value < 0 or (value == 0 and name in POSITIVE)):
             need = "positive" if name in POSITIVE else "0 or more"
             raise DeepFusionError(f"--{name.replace('_', '-')} {value}: must be {need}")
-    if cfg.batch_size % WORLD:
-        raise DeepFusionError(
-            f"--batch-size {cfg.batch_size} is the global N and must split evenly over {WORLD} processes"
-        )
+    if cfg.batch_size % (G := ranks()[1]):
+        raise DeepFusionError(f"--batch-size {cfg.batch_size} is the global N and must split evenly over {G} processes")
     if cfg.batch_size < 2:
         raise DeepFusionError("--batch-size 1: each image needs other images as negatives; use 2 or more")
     if cfg.head == "transformer" and cfg.head_dim % cfg.head_heads:
@@ -182,8 +185,7 @@ def synthetic_dataset(n, seed, size=32, n_classes=10, glyph=11, copies=(3, 7)):
 
 
 def load_dataset(cfg):
-    """(x_train, y_train, x_test, y_test): uint8 (n, 3, H, W), int64 (n,). imagefolder: root/{train,val}/<class>/<x>
-    or Tiny-ImageNet-200's val/images/<x> with val/val_annotations.txt, as RGB resized to --image-size."""
+    """(x_train, y_train, x_test, y_test): uint8 (n, 3, H, W), int64 (n,); imagefolder: Tiny-ImageNet-200's too."""
     if cfg.dataset == "synthetic":
         data = (*synthetic_dataset(cfg.synthetic_train, cfg.seed), *synthetic_dataset(cfg.synthetic_test, cfg.seed + 1))
     elif cfg.dataset == "imagefolder":
@@ -208,17 +210,23 @@ def load_dataset(cfg):
             x = []
             for path, _ in samples:
                 try:
-                    x.append(resize(default_loader(path)))  # (3, size, size) uint8
+                    x.append(resize(torchvision.datasets.folder.default_loader(path)))  # (3, size, size) uint8
                 except Exception as e:
                     raise DeepFusionError(f"cannot read image {path}: {e}; remove or replace the file") from None
             data += [torch.stack(x), torch.tensor([k for _, k in samples])]
     else:
         cls = torchvision.datasets.CIFAR10 if cfg.dataset == "cifar10" else torchvision.datasets.CIFAR100
-        try:
-            sets = [cls(cfg.data_dir, train=t, download=True) for t in (True, False)]
-        except Exception as e:  # no network, disk full, corrupt archive
+        G, first = ranks()[1], int(os.environ.get("LOCAL_RANK", ranks()[0])) == 0  # first: a machine's rank 0
+        try:  # it alone downloads (ranks writing one archive at once corrupt it); the others wait, then read it
+            if not first:
+                dist.barrier()
+            sets = [cls(cfg.data_dir, train=t, download=first) for t in (True, False)]
+        except Exception as e:  # no network, disk full, corrupt archive; on the others: the download failed
             fix = "check the network or use --dataset synthetic"
             raise DeepFusionError(f"--dataset {cfg.dataset}: download to {cfg.data_dir} failed ({e}); {fix}") from None
+        finally:
+            if first and G > 1:  # done, or failed: the others go on
+                dist.barrier()
         data = [t for s in sets for t in (torch.from_numpy(s.data).permute(0, 3, 1, 2), torch.tensor(s.targets))]
     if cfg.batch_size > (n := len(data[0])):
         raise DeepFusionError(f"--batch-size {cfg.batch_size} exceeds the {n} training images; lower it")
@@ -309,6 +317,7 @@ class Attention(nn.Module):
 
     def __init__(self, dim, heads, tied=False, scale=0.0):
         super().__init__()
+        assert dim % heads == 0, f"width {dim} does not split into {heads} heads: make it a multiple of the head count"
         self.heads, self.tied = heads, tied
         self.qkv = nn.Linear(dim, (2 if tied else 3) * dim)  # [W^Q; W^K; W^V], or [W^Q; W^V] when tied
         self.proj = nn.Linear(dim, dim)
@@ -359,6 +368,7 @@ class TransformerHead(nn.Module):
         self.bn = nn.BatchNorm1d(out_dim)
 
     def forward(self, h, return_attention=False, paired=True):  # h (2N, D); paired: rows i, i + N are one image
+        assert h.dim() == 2, f"h is {tuple(h.shape)}: give one sequence (2N, D); the batch is the sequence"
         n, mask = h.shape[0], None
         if self.mask_partner and paired:  # False at (i, i + N mod 2N)
             mask = ~torch.eye(n, dtype=torch.bool, device=h.device).roll(n // 2, 1)  # (2N, 2N)
@@ -372,12 +382,13 @@ class TransformerHead(nn.Module):
 
 # ---- 5. Loss ---------------------------------------------------------------------------
 def nt_xent(z1, z2, tau):
-    """NT-Xent (SimCLR Eq. 1), mean over 2N anchors: positive = the other view, 2N-2 negatives; fp32 at least."""
+    """NT-Xent (SimCLR Eq. 1), mean over 2N anchors: positive = the other view, 2N-2 negatives; fp32 in autocast too."""
     N = z1.shape[0]
-    z = F.normalize(torch.cat([z1, z2]).to(torch.promote_types(z1.dtype, torch.float32)), dim=1)  # (2N, d)
-    s = z @ z.T / tau  # (2N, 2N) cosine similarity / tau
-    s = s.masked_fill(torch.eye(2 * N, dtype=torch.bool, device=z.device), float("-inf"))  # no self-pairs
-    return F.cross_entropy(s, torch.arange(2 * N, device=z.device).roll(N))  # row i's positive: i + N mod 2N
+    with torch.autocast(z1.device.type, enabled=False):
+        z = F.normalize(torch.cat([z1, z2]).to(torch.promote_types(z1.dtype, torch.float32)), dim=1)  # (2N, d)
+        s = z @ z.T / tau  # (2N, 2N) cosine similarity / tau
+        s = s.masked_fill(torch.eye(2 * N, dtype=torch.bool, device=z.device), float("-inf"))  # no self-pairs
+        return F.cross_entropy(s, torch.arange(2 * N, device=z.device).roll(N))  # row i's positive: i + N mod 2N
 
 
 # ---- 6. Training -----------------------------------------------------------------------
@@ -385,7 +396,7 @@ def setup_distributed(cfg):
     """The device; under torchrun also the process group (nccl / gloo), whose timeout ends a run that lost a rank."""
     auto = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
     device = torch.device(auto if cfg.device == "auto" else cfg.device)
-    if WORLD > 1:  # one process: no process group
+    if ranks()[1] > 1 and not dist.is_initialized():  # torchrun's processes; one process: no process group
         if device.type == "cuda":
             device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
             torch.cuda.set_device(device)
@@ -395,21 +406,18 @@ def setup_distributed(cfg):
 
 def make_optimizer(cfg, f, g, device):
     """SGD for f and g, lr x N/128 (SimCLR CIFAR recipe); the learnable attention scales without weight decay."""
+    lr = cfg.lr * cfg.batch_size / 128  # also each group's base_lr: the schedule's peak
     named = [*f.named_parameters(), *g.named_parameters()]
-    groups = [{"params": [p for name, p in named if not name.endswith("log_scale")]}]
-    groups += [{"params": [p for name, p in named if name.endswith("log_scale")], "weight_decay": 0.0}]
-    lr, fused = cfg.lr * cfg.batch_size / 128, device.type == "cuda"
-    opt = torch.optim.SGD(groups, lr=lr, momentum=MOMENTUM, weight_decay=cfg.weight_decay, fused=fused)
-    for group in opt.param_groups:
-        group["base_lr"] = group["lr"]  # the peak of the schedule
-    return opt
+    groups = [{"params": [p for name, p in named if not name.endswith("log_scale")], "base_lr": lr}]
+    groups += [{"params": [p for name, p in named if name.endswith("log_scale")], "weight_decay": 0.0, "base_lr": lr}]
+    return torch.optim.SGD(groups, lr=lr, momentum=MOMENTUM, weight_decay=cfg.weight_decay, fused=device.type == "cuda")
 
 
 def build(cfg, image_size, device):
     """f and g from the seed on the device, the optimizer, the autocast context and the GradScaler (fp16 only)."""
     torch.manual_seed(cfg.seed)
     f, D = make_backbone(cfg.arch, image_size)
-    if WORLD > 1 and device.type == "cuda":  # BatchNorm statistics over the global batch
+    if ranks()[1] > 1 and device.type == "cuda":  # BatchNorm statistics over the global batch
         f = nn.SyncBatchNorm.convert_sync_batchnorm(f)
     if cfg.head == "ffn":
         g = FFNHead(D, cfg.head_dim or D, cfg.head_out, cfg.head_depth)
@@ -437,10 +445,10 @@ def lr_at(step, total, warmup, base):
 def gather_tokens(h):
     """This rank's h = [v1_r; v2_r] (2B, D) -> [v1_0 ... v1_{G-1}; v2_0 ... v2_{G-1}] (2N, D): partners i, i + N again.
     Its backward sums a token's gradient over the G ranks' equal losses; DDP's mean then gives f the one-process one."""
-    if WORLD == 1:
+    if (G := ranks()[1]) == 1:
         return h
     hs = torch.stack(dist_nn.all_gather(h))  # (G, 2B, D)
-    return hs.view(WORLD, 2, -1, hs.shape[-1]).transpose(0, 1).reshape(-1, hs.shape[-1])  # (2, G, B, D) -> (2N, D)
+    return hs.view(G, 2, -1, hs.shape[-1]).transpose(0, 1).reshape(-1, hs.shape[-1])  # (2, G, B, D) -> (2N, D)
 
 
 def train_step(f, g, opt, scaler, v1, v2, tau, amp):
@@ -458,11 +466,12 @@ def train_step(f, g, opt, scaler, v1, v2, tau, amp):
 
 def batches(cfg, x, epoch, gen, mean, std):
     """(step, v1, v2) of one epoch; order and views depend on (seed, epoch, step) alone: resume repeats them."""
-    steps, B = len(x) // cfg.batch_size, cfg.batch_size // WORLD  # B: this rank's share of the N images
+    rank, G = ranks()
+    steps, B = len(x) // cfg.batch_size, cfg.batch_size // G  # B: this rank's share of the N images
     perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(cfg.seed * 7919 + epoch)).to(x.device)
-    perm = perm[: steps * cfg.batch_size].view(steps, cfg.batch_size)[:, RANK * B : (RANK + 1) * B]  # (steps, B)
+    perm = perm[: steps * cfg.batch_size].view(steps, cfg.batch_size)[:, rank * B : (rank + 1) * B]  # (steps, B)
     for step in range(steps):
-        gen.manual_seed(cfg.seed * 1_000_003 + epoch * steps + step + (RANK << 40))  # each rank its own stream
+        gen.manual_seed(cfg.seed * 1_000_003 + epoch * steps + step + (rank << 40))  # each rank its own stream
         xb = x[perm[step]]  # (B, 3, H, W) uint8, already on the device
         yield step, augment(xb, gen, mean, std), augment(xb, gen, mean, std)
 
@@ -502,34 +511,29 @@ def stop(why, fix, ckpt_path, code=1):
     raise DeepFusionError(f"{why}; {keep}; {fix}", code)
 
 
-def check_collapse(history, row, cfg, steps, warmup, ckpt_path):
-    """Stop a collapsed run before its checkpoint is written: past the warmup the loss sits at log(2N-1) (all
-    projections equal), or kNN falls 2 points below the random-init backbone's at two monitors in a row."""
-    floor, init = math.log(2 * cfg.batch_size - 1), history[0].get("knn_acc", 0)  # rank 0 alone has the monitor
-    late = [r["knn_acc"] for r in [*history[1:], row] if "knn_acc" in r and r["epoch"] * steps >= max(50, warmup)]
-    # ^ monitors past the warmup and 50 steps: eval-mode BatchNorm statistics lag before (0.9^50 < 1%)
+def check_collapse(row, cfg, steps, warmup, ckpt_path):
+    """Stop a run whose loss sits at log(2N-1) past the warmup (all z equal), before its checkpoint; on every rank."""
+    floor = math.log(2 * cfg.batch_size - 1)
     if row["epoch"] * steps >= warmup and abs(row["loss"] - floor) < 0.01:
         why = f"loss {row['loss']:.4f} sits at log(2N-1) = {floor:.4f}: all projections coincide"
-    elif "knn_acc" in row and len(late) > 1 and max(late[-2:]) < init - 0.02:  # one dip: healthy runs recover
-        why = f"backbone kNN {late[-2]:.2%}, then {late[-1]:.2%}: twice below its random initialisation's ({init:.2%})"
-    else:
-        return
-    stop(f"training collapsed at epoch {row['epoch']}: {why}", "raise --tau or lower --lr", ckpt_path)
+        stop(f"training collapsed at epoch {row['epoch']}: {why}", "raise --tau or lower --lr", ckpt_path)
 
 
 def train(cfg, run_dir, data, device, ckpt=None, build=build, monitor=None):
     """SimCLR training of f and g, a checkpoint per epoch; returns the history. Rank 0 alone evaluates and writes."""
     monitor = monitor or evaluate  # experiments/fusion.py passes its own
+    rank, G = ranks()
     if device.type == "cpu":  # denormal floats in a collapsing net's backward slow a CPU >15x
         torch.set_flush_denormal(True)
     f, g, opt, amp, scaler = build(cfg, data[0].shape[-1], device)
-    f_, g_ = (nn.parallel.DistributedDataParallel(m) if WORLD > 1 else m for m in (f, g))  # see gather_tokens
+    f_, g_ = (nn.parallel.DistributedDataParallel(m) if G > 1 else m for m in (f, g))  # see gather_tokens
     epoch, history = (ckpt["epoch"], ckpt["history"]) if ckpt else (0, [{"epoch": 0}])
     if ckpt:
         for part, key in ((f, "f"), (g, "g"), (opt, "opt"), (scaler, "scaler")):
-            part.load_state_dict(ckpt[key])
+            if ckpt[key]:  # empty: a GradScaler saved off (bf16, fp32) starts fresh where fp16 turns it on
+                part.load_state_dict(ckpt[key])
         print(f"resumed from {cfg.resume} at epoch {epoch}", flush=True)
-    elif RANK == 0:  # the random-init baseline of every monitor
+    elif rank == 0:  # the random-init baseline of every monitor
         history[0] |= monitor(cfg, f, g, data, device, run_dir)
     gen, x = torch.Generator(device=device), data[0].to(device)  # the whole set, uint8, on the device
     steps = len(x) // cfg.batch_size
@@ -548,7 +552,7 @@ def train(cfg, run_dir, data, device, ckpt=None, build=build, monitor=None):
             loss = train_step(f_, g_, opt, scaler, v1, v2, cfg.tau, amp)
             n_log, log_sum, ep_sum = n_log + 1, log_sum + loss, ep_sum + loss
             first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), gstep, first_bad)  # no sync
-            if (step + 1) % LOG_EVERY == 0 or step + 1 == steps:  # the host syncs: once per line
+            if (step + 1) % LOG_EVERY == 0 or step + 1 == steps or gstep == done0:  # a sync per line; the first at once
                 if first_bad >= 0:
                     cause = "lower --lr, or use --precision bf16 or fp32 if fp16 overflowed"
                     stop(f"loss became NaN/inf at step {int(first_bad)} (epoch {epoch + 1})", cause, ckpt_path)
@@ -561,11 +565,11 @@ def train(cfg, run_dir, data, device, ckpt=None, build=build, monitor=None):
         epoch += 1
         row = {"epoch": epoch, "loss": ep_sum.item() / steps, "lr": opt.param_groups[0]["lr"]}
         row["time_s"] = round(time.time() - t0, 2)
-        if RANK == 0 and ((cfg.eval_every and epoch % cfg.eval_every == 0) or epoch == cfg.epochs):
+        if rank == 0 and ((cfg.eval_every and epoch % cfg.eval_every == 0) or epoch == cfg.epochs):
             row |= monitor(cfg, f, g, data, device, run_dir, final=epoch == cfg.epochs)
-        check_collapse(history, row, cfg, steps, warmup, ckpt_path)
+        check_collapse(row, cfg, steps, warmup, ckpt_path)
         history.append(row)
-        if RANK == 0:  # the checkpoint first: the metrics file never runs ahead of it
+        if rank == 0:  # the checkpoint first: the metrics file never runs ahead of it
             nets = dict(f=f.state_dict(), g=g.state_dict(), opt=opt.state_dict(), scaler=scaler.state_dict())
             save_checkpoint(ckpt_path, dict(format=CKPT_FORMAT, config=dataclasses.asdict(cfg), epoch=epoch,
                                             history=history, **nets))  # fmt: skip
@@ -647,11 +651,8 @@ def fusion_report(attn, labels, pair):
 def balanced_sample(y, n, seed):
     """n seeded random indices, round-robin over the classes: a prefix of a class-sorted dataset would be one class."""
     perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
-    yp = y[perm]
-    order = torch.argsort(yp, stable=True)  # grouped by class, random within each class
-    first = torch.searchsorted(yp[order], yp[order])  # where each one's class starts
-    rank = torch.empty_like(order)
-    rank[order] = torch.arange(len(y)) - first  # 0 for a class's first draw, 1 for its second...
+    onehot = F.one_hot(y[perm])  # (len(y), classes), in the drawn order
+    rank = (onehot.cumsum(0) * onehot).sum(1)  # 1 for a class's first draw, 2 for its second...
     return perm[torch.argsort(rank, stable=True)[:n]]
 
 
@@ -706,7 +707,7 @@ def run(cfg, ckpt=None, build=build, monitor=None):
     device, data = setup_distributed(cfg), load_dataset(cfg)
     name = cfg.run_name or f"{cfg.dataset}-{cfg.head}-{time.strftime('%Y%m%d-%H%M%S')}"
     run_dir = Path(cfg.resume).parent if ckpt else Path(cfg.out_dir) / name
-    if RANK == 0 and not ckpt:
+    if ranks()[0] == 0 and not ckpt:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
     print(f"run folder {run_dir} | device {device} | {cfg.arch} + {cfg.head} head | {len(data[0])} images", flush=True)
@@ -715,7 +716,7 @@ def run(cfg, ckpt=None, build=build, monitor=None):
         history = train(cfg, run_dir, data, device, ckpt, build, monitor)
     except KeyboardInterrupt:
         stop("interrupted", f"continue with --resume {saved}" if saved.exists() else "run it again", saved, 130)
-    if RANK:
+    if ranks()[0]:  # rank 0 alone evaluates and writes
         return {}
     r = history[-1] | {"knn_acc_init": history[0]["knn_acc"], "device": str(device)}  # the results
     r["train_time_s"] = round(time.time() - t0, 1)
@@ -725,21 +726,20 @@ def run(cfg, ckpt=None, build=build, monitor=None):
         line += f" | normalised fusion F~ by layer {' '.join(f'{v:.3f}' for v in r['fusion_norm'])}"
         line += f" (chance {r['fusion_norm_chance']:.3f})"
     print(line, flush=True)
-    if r["knn_acc"] < r["knn_acc_init"]:  # too early for the collapse rule to have fired
-        warning = f"the backbone's kNN ended below its random initialisation's ({r['knn_acc_init']:.2%})"
-        print(f"warning: {warning}", file=sys.stderr)
+    if r["knn_acc"] < r["knn_acc_init"]:  # reported, never a stop: early dips recover
+        print(f"warning: the backbone's kNN ended below its random init's ({r['knn_acc_init']:.2%})", file=sys.stderr)
     return r
 
 
 def main(argv=None, job=run) -> dict:
     """The command line; errors: one line, exit 2. experiments/ scripts pass their own job(cfg, ckpt)."""
     try:
-        with redirect_stdout(None) if RANK else nullcontext():  # only rank 0 prints
+        with redirect_stdout(None) if ranks()[0] else nullcontext():  # only rank 0 prints
             given = parse_flags(argv)
             cfg, ckpt = config_for_resume(given) if given.get("resume") else (Config(**given), None)
             return job(resolve(cfg), ckpt)
     except DeepFusionError as e:
-        print(f"deep_fusion.py: error{f' (rank {RANK})' if RANK else ''}: {e.args[0]}", file=sys.stderr)
+        print(f"deep_fusion.py: error{f' (rank {ranks()[0]})' if ranks()[0] else ''}: {e.args[0]}", file=sys.stderr)
         raise SystemExit(e.args[1] if len(e.args) > 1 else 2) from None
     finally:
         if dist.is_initialized():

@@ -167,7 +167,7 @@ def job(flags):
         if frozen not in (None, "random") and not Path(frozen).is_file():
             fix = "give 'random' or a run's checkpoint.pt"
             raise df.DeepFusionError(f"--freeze-backbone {frozen}: no such file; {fix}")
-        if frozen and df.WORLD > 1:  # DistributedDataParallel refuses a module with nothing to train
+        if frozen and df.ranks()[1] > 1:  # DistributedDataParallel refuses a module with nothing to train
             raise df.DeepFusionError(f"--freeze-backbone {frozen}: not under torchrun; run it in one process")
         if flags.head_wd is not None and flags.head_wd < 0:
             raise df.DeepFusionError(f"--head-wd {flags.head_wd}: must be 0 or more")

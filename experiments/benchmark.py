@@ -4,9 +4,12 @@ a training step's img/s with each head; the Transformer head's share of its step
 
   python experiments/benchmark.py --device cpu
   python experiments/benchmark.py --device cuda --arch resnet18 --bench-steps 50 --compile
+  python experiments/benchmark.py --memory --dataset imagefolder --image-size 64 --arch resnet50 --device cpu
 
 It takes deep_fusion.py's flags (N = 512 unless --batch-size is given) and --bench-steps (timed
 steps per figure, 10), prints one line per figure and writes <out-dir>/benchmark-<device>.json.
+--memory instead counts the activations one training step keeps for its backward at --image-size (bf16, as
+autocast on a GPU keeps them), without data or a GPU: measured on a few random images, scaled to N.
 """
 
 import dataclasses
@@ -55,7 +58,7 @@ def peak_memory_mb(device):
 
 def benchmark(cfg, steps):
     """Every figure for the config's data, backbone and precision, as a dict."""
-    if df.WORLD > 1:  # torchrun's process count, as deep_fusion.py read it
+    if df.ranks()[1] > 1:  # torchrun's process count
         raise df.DeepFusionError("the benchmark measures one device; run it without torchrun")
     if steps < 1:
         raise df.DeepFusionError(f"--bench-steps {steps}: must be positive")
@@ -93,12 +96,50 @@ def benchmark(cfg, steps):
     return r
 
 
-FLAGS = (("--bench-steps", dict(type=int, default=10, help="timed steps per figure")),)  # and deep_fusion.py's
+def saved_gib(fn):
+    """GiB of the distinct tensors autograd saves for the backward while fn() runs."""
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(storages.values()) / 2**30
+
+
+def activation_memory(cfg):
+    """The activations a training step keeps for its backward, in bf16: f's measured on both views of 2 and of 4
+    random images and extended to N along that line (they grow linearly with the batch, apart from the bf16 copies
+    of the weights); g's on the whole 2N-token sequence."""
+    size, device = cfg.image_size if cfg.dataset == "imagefolder" else 32, torch.device("cpu")
+    f, g, _, _, _ = df.build(cfg, size, device)
+    views = lambda n: torch.randn(2 * n, 3, size, size).contiguous(memory_format=torch.channels_last)  # noqa: E731
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        two, four = (saved_gib(lambda n=n: f(views(n))) for n in (2, 4))
+        f_gib = two + (four - two) / 2 * (cfg.batch_size - 2)
+        g_gib = saved_gib(lambda: g(torch.randn(2 * cfg.batch_size, g.embed.in_features if cfg.head == "transformer"
+                                                else g[0].in_features)))  # fmt: skip
+    r = {"arch": cfg.arch, "image_size": size, "batch_size": cfg.batch_size, "head": cfg.head}
+    r |= {"backbone_activations_gib": round(f_gib, 2), "head_activations_gib": round(g_gib, 2)}
+    print(f"{cfg.arch} at {size} px, N = {cfg.batch_size} (2N = {2 * cfg.batch_size} views), {cfg.head} head, bf16: "
+          f"activations kept for the backward {f_gib:.1f} GiB (backbone) + {g_gib:.2f} GiB (head)")  # fmt: skip
+    return r
+
+
+FLAGS = (
+    ("--bench-steps", dict(type=int, default=10, help="timed steps per figure")),
+    ("--memory", dict(action="store_true", help="activation memory of one training step at --image-size, no data")),
+)  # and deep_fusion.py's
 
 
 def main(argv=None):
     own, rest = own_flags(argv, *FLAGS)
-    return df.main(["--batch-size", "512", *rest], job=lambda cfg, ckpt: benchmark(cfg, own.bench_steps))
+    job = (
+        (lambda cfg, ckpt: activation_memory(cfg)) if own.memory else lambda cfg, ckpt: benchmark(cfg, own.bench_steps)
+    )
+    return df.main(["--batch-size", "512", *rest], job=job)
 
 
 if __name__ == "__main__":
