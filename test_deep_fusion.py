@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 import deep_fusion as df
-from experiments import ablations, authors_eval, benchmark, figure, fusion, learned, table
+from experiments import ablations, authors_eval, benchmark, constructed, figure, fusion, learned, table
 from experiments import theory as th
 
 ROOT = Path(__file__).parent
@@ -1545,7 +1545,7 @@ def accepted_flags(script):
     core = {"--" + f.name.replace("_", "-") for f in df.dataclasses.fields(df.Config)} | {"--help"}
     own = {"experiments/ablations.py": ablations.FLAGS, "experiments/benchmark.py": benchmark.FLAGS}
     own |= {"experiments/table.py": table.FLAGS, "experiments/figure.py": figure.FLAGS}
-    own |= {"experiments/learned.py": learned.FLAGS}
+    own |= {"experiments/learned.py": learned.FLAGS, "experiments/constructed.py": constructed.FLAGS}
     names = {name for name, _ in own.get(script, ()) if name.startswith("--")}
     takes_core = script in ("deep_fusion.py", "experiments/ablations.py", "experiments/benchmark.py")
     return names | (core if takes_core else set())
@@ -1698,3 +1698,56 @@ def test_the_committed_grid_is_measured_on_batches_its_seeds_regenerate():
         assert learned.oracle(x, learned.setting(r["seed"])[1], labels, pair, r["entropy"]) == pytest.approx(
             r["oracle_x"], abs=1e-4
         )
+
+
+# ---- Deep Fusion's strong form: constructed, then sought in training (issue 33) ----
+
+
+def test_a_second_layer_beats_every_per_token_metric_at_its_entropy():
+    """Cosine attention on the best per-token view x0 is its own oracle (layer 1 equals it to the bisection's
+    precision); a second layer on the mixed tokens attends to its class more than that metric can at the same
+    entropy, by a margin well above layer 1's agreement, and NT-Xent charges the fused tokens for it."""
+    x0, labels, pair = constructed.draw(3.0, 0)
+    (one, two), loss = constructed.measure(x0, labels, pair, (5.0, 10.0))
+    assert abs(one["fusion_norm"] - one["oracle"]) < 1e-3
+    assert two["fusion_norm"] > two["oracle"] + 0.03 and two["entropy"] < one["entropy"]
+    assert loss["fused"] > loss["per_token"] + 0.1
+    (alone,), _ = constructed.measure(x0, labels, pair, (10.0,))  # the same sharpness without the mixing layer
+    assert abs(alone["fusion_norm"] - alone["oracle"]) < 1e-3
+
+
+def test_constructed_sweep_writes_its_table_and_json(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(constructed, "SEPS", (2.0,))
+    monkeypatch.setattr(constructed, "BETAS", ((5.0, 10.0),))
+    runs = constructed.main(["--draws", "2", "--out-dir", str(tmp_path)])
+    assert len(runs) == 2 and json.loads((tmp_path / "runs.json").read_text()) == runs
+    table_md = (tmp_path / "table.md").read_text()
+    assert (
+        "| 2 | 5, 10 |" in table_md and "2/2" in table_md and "python experiments/constructed.py --draws 2" in table_md
+    )
+    with pytest.raises(SystemExit) as e:
+        constructed.main(["--draws", "1"])
+    assert e.value.code == 2 and "--draws 1" in capsys.readouterr().err
+
+
+def test_overlap_data_keep_the_committed_subspace_runs_and_their_oracle_sees_only_the_span(tmp_path):
+    """--data overlap: the classes share one span, noise everywhere else; the subspace data's stream is unchanged
+    (the committed grid regenerates, test above), and a folder holds one kind of data."""
+    x, labels, pair = learned.eval_batch(0, 0.0, overlap=True)
+    bases = learned.setting(0)[0]
+    span = bases[:, :, 0].T  # (DIM, K)
+    means = torch.stack([(x[labels == k] @ span).mean(0) for k in range(learned.K)])
+    assert torch.allclose(means, learned.SEP * torch.eye(learned.K), atol=0.7)  # SEP u_k (about 32 images a class)
+    rest = x - x @ span @ span.T  # unit noise in the DIM - NUIS - K dimensions outside span and nuisance: no class
+    assert abs(rest.pow(2).sum(1).mean() - (learned.DIM - learned.NUIS - learned.K)) < 1.5
+    r = learned.train_one("tied", "sgd", depth=1, nuisance=0.0, steps=3, batch_size=16, seed=0, overlap=True)
+    assert r["data"] == "overlap" and r["oracle_x"] == learned.oracle(x, None, labels, pair, r["entropy"], span)
+    (tmp_path / "runs.json").write_text(json.dumps([r]))
+    with pytest.raises(SystemExit):  # subspace runs asked of a folder of overlap runs
+        learned.table([0], tmp_path)
+    row = learned.built_by_hand([0])[-1]  # the strong form exists in these data: built by hand, on the same batch
+    fused_f, oracle_f, per_token, fused = (float(v) for v in row.strip("| ").split(" | ")[1:])
+    assert fused_f > oracle_f + 0.03 and fused > per_token
+    c = F.normalize(x @ span, dim=1)  # the generic metric control on the cosine is the oracle itself
+    oracle_c = fusion.cosine_control(x @ span, labels, pair, 5.0)[0]
+    assert learned.similarity_control(c @ c.T, labels, pair, 5.0) == pytest.approx(oracle_c, abs=1e-3)

@@ -3,6 +3,7 @@ attention becomes class-aligned layer by layer, beyond what the inputs' own neig
 
   python experiments/learned.py --opt adamw --head tied --depth 4 --nuisance 3 --seed 0
   python experiments/learned.py --table --seeds 0 1 2   # resumes experiments/results/learned/runs.json
+  python experiments/learned.py --table --data overlap  # experiments/results/overlap: classes that overlap per token
 
 The data are Theorem 1's (notebook section 3): K classes, each in its own sub_dim-dimensional subspace of R^dim
 (orthonormal, so independent), coordinates c_k + N(0, I) with |c_k| = 2 (the margin, on average). Each view adds
@@ -11,7 +12,9 @@ variance. There is no image and, unless --backbone, no backbone: h = x. deep_fus
 masked) and nt_xent train on fresh batches of N images; each run prints per layer the normalised fusion score F~
 (deep_fusion.fusion_report), its control at the same row entropy (experiments/fusion.py) on the inputs x and,
 with --backbone, on the backbone's output h, the oracle control (the same at the same entropy on x with the nuisance
-subspace projected out, known here), and the rows' entropy.
+subspace projected out, known here), and the rows' entropy. With --data overlap the classes share one K-dimensional
+span (means SEP u_k, unit noise in every dimension outside the nuisance), so no per-token metric separates them
+cleanly; the oracle is then cosine attention on x's coordinates in that span, the best per-token view the data allow.
 """
 
 import json
@@ -24,7 +27,7 @@ import torch
 import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project root, however this is started
-from experiments import df, fusion, own_flags  # noqa: E402
+from experiments import constructed, df, fusion, own_flags  # noqa: E402
 
 FLAGS = (
     ("--head", dict(default="authors", choices=("authors", "tied"), help="separate W^Q, W^K, or tied with scale 4")),
@@ -37,9 +40,12 @@ FLAGS = (
     ("--seed", dict(type=int, default=0)),
     ("--table", dict(action="store_true", help="the grid (nuisance x opt x head x depth, + 2 backbone rows) x seeds")),
     ("--seeds", dict(type=int, nargs="+", default=[0, 1, 2], help="with --table")),
-    ("--out-dir", dict(default="experiments/results/learned", help="with --table: where runs.json and table.md go")),
-)
+    ("--data", dict(default="subspaces", choices=("subspaces", "overlap"), help="classes in their own subspaces, or"
+                    " overlapping token by token (means SEP u_k, unit noise in every dimension outside the nuisance)")),
+    ("--out-dir", dict(help="with --table: where runs.json and table.md go (experiments/results/learned or overlap)")),
+)  # fmt: skip
 K, SUB, DIM, NUIS = 4, 3, 32, 12  # classes, their subspaces' dimension, the ambient one, the nuisance's
+SEP = 3.0  # overlap data: the class means' norm (experiments/constructed.py: the strong form shows from 2 on)
 
 
 def setting(seed):
@@ -50,31 +56,70 @@ def setting(seed):
     return Q[:, : K * SUB].T.reshape(K, SUB, DIM).transpose(1, 2), Q[:, K * SUB :], centres
 
 
-def views(bases, nuisance_basis, centres, N, nuisance, g):
-    """Two views (2N, DIM) of N fresh images, their labels (N,): x_i + each view's nuisance and noise."""
+def views(bases, nuisance_basis, centres, N, nuisance, g, overlap=False):
+    """Two views (2N, DIM) of N fresh images, their labels (N,): x_i + each view's nuisance and noise. overlap: x_i =
+    SEP u_y + unit noise outside the nuisance subspace, u_k = bases[k][:, 0] (orthonormal): classes overlap per token.
+    """
     y = torch.randint(0, K, (N,), generator=g)
-    a = centres[y] + torch.randn(N, SUB, generator=g)  # coordinates in the class's subspace
-    x = torch.einsum("nds,ns->nd", bases[y], a)  # (N, DIM)
+    if overlap:
+        outside = torch.eye(DIM) - nuisance_basis @ nuisance_basis.T  # (DIM, DIM): projects the nuisance out
+        x = SEP * bases[y, :, 0] + torch.randn(N, DIM, generator=g) @ outside  # (N, DIM)
+    else:
+        a = centres[y] + torch.randn(N, SUB, generator=g)  # coordinates in the class's subspace
+        x = torch.einsum("nds,ns->nd", bases[y], a)  # (N, DIM)
     own = lambda: nuisance * torch.randn(N, NUIS, generator=g) @ nuisance_basis.T  # noqa: E731  a view's nuisance
     noise = lambda: 0.1 * torch.randn(N, DIM, generator=g)  # noqa: E731
     return torch.cat([x + own() + noise(), x + own() + noise()]), y
 
 
-def eval_batch(seed, nuisance):
+def eval_batch(seed, nuisance, overlap=False):
     """The fixed labelled batch every run of a seed is measured on: x (256, DIM), labels (256,), pair (256,)."""
     bases, nuisance_basis, centres = setting(seed)
-    x, y = views(bases, nuisance_basis, centres, 128, nuisance, torch.Generator().manual_seed(10_000 + seed))
+    gen = torch.Generator().manual_seed(10_000 + seed)
+    x, y = views(bases, nuisance_basis, centres, 128, nuisance, gen, overlap)
     return x, torch.cat([y, y]), torch.arange(256).roll(128)
 
 
-def oracle(x, nuisance_basis, labels, pair, entropies):
-    """The oracle control by layer: F~ of the cosine attention on x with the nuisance subspace projected out
-    (x - x N N^T, a nuisance-blind per-token metric) at each layer's row entropy."""
-    blind = x - x @ nuisance_basis @ nuisance_basis.T  # (n, DIM)
-    return [fusion.cosine_control(blind, labels, pair, e)[0] for e in entropies]
+def oracle(x, nuisance_basis, labels, pair, entropies, span=None):
+    """The oracle control by layer: F~ of the cosine attention on the best per-token view at each layer's row
+    entropy: x with the nuisance subspace projected out (x - x N N^T), or with `span` (DIM, K), x's coordinates in
+    the span of the class means (overlap data: the rest is noise)."""
+    best = x - x @ nuisance_basis @ nuisance_basis.T if span is None else x @ span  # (n, DIM) or (n, K)
+    return [fusion.cosine_control(best, labels, pair, e)[0] for e in entropies]
 
 
-def train_one(head="authors", opt="adamw", depth=4, nuisance=3.0, steps=1500, batch_size=128, backbone=False, seed=0):
+def similarity_control(s, labels, pair, entropy):
+    """F~ of softmax(kappa s_ij) over the keys j != i, pair(i), for a similarity s (n, n) of any per-token metric,
+    kappa set by bisection so that the mean row entropy is `entropy` (fusion.cosine_control, for any s)."""
+    s = s.masked_fill(~df.others(labels, pair)[1], float("-inf"))
+    s = s / s[torch.isfinite(s)].abs().max()  # kappa then spans the same range for every metric
+    lo, hi = 0.0, 1e4
+    for _ in range(60):
+        kappa = (lo + hi) / 2
+        lo, hi = (kappa, hi) if fusion.row_entropy(torch.softmax(kappa * s, 1)) > entropy else (lo, kappa)
+    return df.fusion_score(torch.softmax(kappa * s, 1), labels, pair)[1]
+
+
+def other_metrics(r):
+    """Overlap data: by layer, the larger F~ of two more per-token metrics on the span at the run's entropies, the
+    dot product and the negative squared distance (the cosine is the oracle already)."""
+    x, labels, pair = eval_batch(r["seed"], r["nuisance"], overlap=True)
+    x0 = x @ setting(r["seed"])[0][:, :, 0].T  # (256, K)
+    metrics = (x0 @ x0.T, -torch.cdist(x0, x0).pow(2))
+    return [max(similarity_control(s, labels, pair, e) for s in metrics) for e in r["entropy"]]
+
+
+def train_one(
+    head="authors",
+    opt="adamw",
+    depth=4,
+    nuisance=3.0,
+    steps=1500,
+    batch_size=128,
+    backbone=False,
+    seed=0,
+    overlap=False,
+):
     """Train, then measure on a fixed labelled batch; returns the per-layer report (and the run's settings)."""
     torch.manual_seed(seed)
     bases, nuisance_basis, centres = setting(seed)
@@ -95,14 +140,14 @@ def train_one(head="authors", opt="adamw", depth=4, nuisance=3.0, steps=1500, ba
     for step in range(steps):
         for group in optimizer.param_groups:
             group["lr"] = df.lr_at(step, steps, warmup, base)
-        x, _ = views(bases, nuisance_basis, centres, batch_size, nuisance, gen)
+        x, _ = views(bases, nuisance_basis, centres, batch_size, nuisance, gen, overlap)
         loss = df.nt_xent(*g(f(x)).chunk(2), 0.5)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
     f.eval()
     g.eval()
-    x, labels, pair = eval_batch(seed, nuisance)
+    x, labels, pair = eval_batch(seed, nuisance, overlap)
     with torch.no_grad():
         h = f(x)
         maps = torch.stack(g(h, return_attention=True)[1])  # (L, heads, n, n)
@@ -111,7 +156,9 @@ def train_one(head="authors", opt="adamw", depth=4, nuisance=3.0, steps=1500, ba
     out = {"head": head, "opt": opt, "depth": depth, "nuisance": nuisance, "steps": steps, "backbone": backbone}
     out |= {"seed": seed, "loss": loss.item(), "fusion_norm": r["fusion_norm"], "chance": r["fusion_norm_chance"]}
     out |= {"control_x": on_x["control_norm"], "entropy": on_x["entropy"], "time_s": round(time.time() - t0, 1)}
-    out["oracle_x"] = oracle(x, nuisance_basis, labels, pair, on_x["entropy"])
+    out["oracle_x"] = oracle(x, nuisance_basis, labels, pair, on_x["entropy"], bases[:, :, 0].T if overlap else None)
+    if overlap:  # runs of the subspace data carry no "data" key: their run keys stay as committed
+        out["data"] = "overlap"
     if backbone:
         out["control_h"] = fusion.report(maps, labels, pair, h)["control_norm"]
     return out
@@ -122,12 +169,13 @@ def show(r):
     row = lambda values: " ".join(f"{v:.3f}" for v in values)  # noqa: E731
     lines = [
         f"{r['head']} head, {r['opt']}, {r['depth']} blocks, nuisance {r['nuisance']:g}, seed {r['seed']}"
-        f"{', with a backbone' if r['backbone'] else ''}: loss {r['loss']:.3f} ({r['time_s']} s)"
+        f"{', with a backbone' if r['backbone'] else ''}{', overlapping classes' if 'data' in r else ''}:"
+        f" loss {r['loss']:.3f} ({r['time_s']} s)"
     ]
     lines.append(f"  F~ by layer          {row(r['fusion_norm'])} (chance {r['chance']:.3f})")
     lines.append(f"  control on inputs x  {row(r['control_x'])}")
     if "oracle_x" in r:
-        lines.append(f"  oracle (no nuisance) {row(r['oracle_x'])}")
+        lines.append(f"  oracle ({'best view' if 'data' in r else 'no nuisance'}) {row(r['oracle_x'])}")
     if "control_h" in r:
         lines.append(f"  control on h = f(x)  {row(r['control_h'])}")
     lines.append(f"  entropy (nats)       {' '.join(f'{v:.2f}' for v in r['entropy'])}")
@@ -137,9 +185,11 @@ def show(r):
 GRID = [(nu, opt, head, depth, False) for nu in (0.0, 1.0, 3.0) for opt in ("sgd", "adamw")
         for head in ("authors", "tied") for depth in (1, 2, 4, 8)]  # fmt: skip
 GRID += [(3.0, "adamw", head, 4, True) for head in ("authors", "tied")]  # a backbone co-trained: the control on h
+OVERLAP_GRID = [(nu, opt, head, depth, False) for nu in (0.0, 3.0) for opt in ("sgd", "adamw")
+                for head in ("authors", "tied") for depth in (2, 4, 8)]  # fmt: skip
 
 
-def table(seeds, out_dir):
+def table(seeds, out_dir, overlap=False):
     """The grid, every seed; a finished run is read back, and a run without the oracle control gets it (it needs only
     the run's seed, nuisance and entropies). Markdown: mean +- std over seeds of F~, its controls and the final loss;
     then by layer, F~ minus the oracle control."""
@@ -147,11 +197,17 @@ def table(seeds, out_dir):
     folder.mkdir(parents=True, exist_ok=True)
     done = json.loads((folder / "runs.json").read_text()) if (folder / "runs.json").exists() else []
     key = lambda r: (r["nuisance"], r["opt"], r["head"], r["depth"], r["backbone"], r["seed"])  # noqa: E731
+    grid, data = (OVERLAP_GRID, "overlap") if overlap else (GRID, None)
+    if any(r.get("data") != data for r in done):  # one kind of data per folder
+        print(
+            f"learned.py: error: {folder} holds runs of other data; give --out-dir a folder of its own", file=sys.stderr
+        )
+        raise SystemExit(2)
     have = {key(r) for r in done}
-    for nu, opt, head, depth, backbone in GRID:
+    for nu, opt, head, depth, backbone in grid:
         for seed in seeds:
             if (nu, opt, head, depth, backbone, seed) not in have:
-                done.append(train_one(head, opt, depth, nu, backbone=backbone, seed=seed))
+                done.append(train_one(head, opt, depth, nu, backbone=backbone, seed=seed, overlap=overlap))
                 print(show(done[-1]), flush=True)
                 (folder / "runs.json").write_text(json.dumps(done, indent=1))
     missing = [r for r in done if "oracle_x" not in r]
@@ -166,7 +222,10 @@ def table(seeds, out_dir):
              "|" + " --- |" * 11]  # fmt: skip
     by_layer = ["| nuisance | optimizer | head | blocks | backbone | F~ by layer | oracle control by layer |"
                 " F~ minus oracle by layer (seeds above it) |", "|" + " --- |" * 8]  # fmt: skip
-    for nu, opt, head, depth, backbone in GRID:
+    if overlap:  # is the cosine the strongest per-token metric? F~ against the best of three, every layer
+        by_layer[0] += " F~ minus the best of cosine, dot product and -distance^2 on the span (seeds above it) |"
+        by_layer[1] += " --- |"
+    for nu, opt, head, depth, backbone in grid:
         runs = [r for r in done if key(r)[:5] == (nu, opt, head, depth, backbone) and r["seed"] in seeds]
         last, ctrl = [r["fusion_norm"][-1] for r in runs], [r["control_x"][-1] for r in runs]
         on_h = ms([r["control_h"][-1] for r in runs]) if backbone else "— (h = x)"
@@ -179,20 +238,44 @@ def table(seeds, out_dir):
         gap = " ".join(f"{statistics.mean(g):+.3f} ({sum(v > 0 for v in g)}/{len(g)})" for g in zip(*gaps))
         row = lambda v: " ".join(f"{u:.3f}" for u in v)  # noqa: E731
         by_layer.append(f"| {cells} | {row(mean('fusion_norm'))} | {row(mean('oracle_x'))} | {gap} |")
+        if overlap:
+            best = [[max(a, b) for a, b in zip(r["oracle_x"], other_metrics(r))] for r in runs]
+            gaps = [[a - b for a, b in zip(r["fusion_norm"], o)] for r, o in zip(runs, best)]
+            gap = " ".join(f"{statistics.mean(g):+.3f} ({sum(v > 0 for v in g)}/{len(g)})" for g in zip(*gaps))
+            by_layer[-1] += f" {gap} |"
     chance = {r["seed"]: r["chance"] for r in done}  # the same labelled batch in every run of a seed
     chance = " ".join(f"{chance[seed]:.3f}" for seed in seeds)
     spread = f"Mean ± sample std over seeds {' '.join(map(str, seeds))}" if len(seeds) > 1 else f"One seed ({seeds[0]})"
+    best = "their coordinates in the span of the class means" if overlap else "the nuisance subspace projected out"
     lines.append(
         f"\n{spread}; chance of F~ {chance} (each seed has its own labelled batch). The oracle control is the"
-        " inputs' cosine attention at the head's row entropy with the nuisance subspace projected out."
+        f" inputs' cosine attention at the head's row entropy, on {best}."
     )
     lines += ["\nEvery layer, mean over the seeds; in brackets, the seeds whose F~ is above the oracle's.\n", *by_layer]
+    if overlap:
+        lines += ["", *built_by_hand(seeds)]
     lines.append(
-        f"\n```bash\npython experiments/learned.py --table --seeds {' '.join(map(str, seeds))} --out-dir {out_dir}\n```"
+        f"\n```bash\npython experiments/learned.py --table {'--data overlap ' if overlap else ''}--seeds"
+        f" {' '.join(map(str, seeds))} --out-dir {out_dir}\n```"
     )
     (folder / "table.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return done
+
+
+def built_by_hand(seeds, kappas=(5.0, 10.0)):
+    """On each seed's evaluation batch of the overlap data: two layers of parameter-free cosine attention on the
+    best per-token view (experiments/constructed.py), layer 2's F~ against its oracle, and NT-Xent of the fused
+    against the per-token tokens. Lines of Markdown. The view holds no nuisance, so one row per seed."""
+    head = f"Built by hand on the same batches: cosine attention on the span, kappa {kappas[0]:g} then {kappas[1]:g}."
+    lines = [head, "", "| seed | layer 2 F~ | its oracle | NT-Xent per-token | NT-Xent fused |", "|" + " --- |" * 5]
+    for seed in seeds:
+        x, labels, pair = eval_batch(seed, 0.0, overlap=True)
+        x0 = (x @ setting(seed)[0][:, :, 0].T).double()  # (256, K): the coordinates in the span
+        (_, two), loss = constructed.measure(x0, labels, pair, kappas)
+        cells = f"{two['fusion_norm']:.3f} | {two['oracle']:.3f} | {loss['per_token']:.3f} | {loss['fused']:.3f}"
+        lines.append(f"| {seed} | {cells} |")
+    return lines
 
 
 def main(argv=None):
@@ -204,9 +287,11 @@ def main(argv=None):
                 file=sys.stderr,
             )
             raise SystemExit(2)
+    overlap = args.data == "overlap"
     if args.table:
-        return table(args.seeds, args.out_dir)
-    r = train_one(args.head, args.opt, args.depth, args.nuisance, args.steps, args.batch_size, args.backbone, args.seed)
+        return table(args.seeds, args.out_dir or f"experiments/results/{'overlap' if overlap else 'learned'}", overlap)
+    flags = (args.head, args.opt, args.depth, args.nuisance, args.steps, args.batch_size, args.backbone, args.seed)
+    r = train_one(*flags, overlap=overlap)
     print(show(r))
     return r
 
