@@ -1509,6 +1509,13 @@ def test_table_runs_arms_by_seeds_writes_markdown_and_json_and_skips_finished_ru
         assert all(torch.equal(f_mlp[k], v) for k, v in f_frozen.items())
     assert "—" in rows[0] and "—" not in rows[1].split("|")[7]  # the MLP has no attention; uniform has F~
     assert json.loads((tmp_path / "tiny" / "runs.json").read_text()) == runs
+    meta = runs[0]["results"]["provenance"]
+    assert meta["torch"] == torch.__version__ and meta["threads"] == torch.get_num_threads() and meta["commit"]
+    paired = md.split("Paired differences")[1]
+    knn_gap = [runs[2 + s]["results"]["knn_acc"] - runs[s]["results"]["knn_acc"] for s in (0, 1)]  # uniform - MLP
+    assert f"| uniform minus MLP: kNN % | {100 * knn_gap[0]:+.1f} {100 * knn_gap[1]:+.1f} | " in paired
+    assert "| uniform: F~ minus its control, last layer |" in paired and "| MLP: F~" not in paired
+    assert f"Ran at: {json.dumps(meta)}" in md
     epochs = [row.strip("| ").split(" | ") for row in (tmp_path / "tiny" / "epochs.md").read_text().splitlines()[2:]]
     assert [(seed, epoch) for _, seed, epoch, *_ in epochs] == [(s, e) for s in "0101" for e in "01"]  # init, end
     assert epochs[-1][3] == f"{100 * runs[-1]['results']['knn_acc']:.1f}" and epochs[-1][5] != "—"

@@ -15,8 +15,11 @@ runs.json, epochs.md (every run's monitor epochs) and one run folder per arm and
 
 import json
 import statistics
+import subprocess
 import sys
 from pathlib import Path
+
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project root, however this is started
 from experiments import ablations, authors_eval, df, fusion, own_flags  # noqa: E402
@@ -95,6 +98,18 @@ TABLES = {
 }
 
 
+def provenance():
+    """What a run ran on: the commit (with "+changes" when the tree differed from it), torch, the thread count."""
+    git = lambda *a: subprocess.run(["git", *a], cwd=Path(__file__).parent, capture_output=True, text=True).stdout  # noqa: E731
+    commit = git("rev-parse", "--short", "HEAD").strip() or "unknown"
+    dirty = git("status", "--porcelain", "--untracked-files=no").strip()
+    return {
+        "commit": commit + ("+changes" if dirty else ""),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+    }
+
+
 def run_folder(folder, arm, seed):
     """Where a table keeps the run of one arm and seed."""
     return folder / f"{slug(arm)}-seed{seed}"
@@ -104,12 +119,17 @@ def run_arm(folder, arm, flags, runner, seed, common):
     """One run of the table, or its results if it finished before; None if the program stopped it."""
     run_dir = run_folder(folder, arm, seed)
     if (run_dir / "results.json").exists():
-        return json.loads((run_dir / "results.json").read_text()) | json.loads(
-            (run_dir / "authors_1nn.json").read_text()
+        meta = run_dir / "provenance.json"  # runs made before table.py recorded it have none
+        meta = {"provenance": json.loads(meta.read_text())} if meta.exists() else {}
+        return (
+            json.loads((run_dir / "results.json").read_text())
+            | json.loads((run_dir / "authors_1nn.json").read_text())
+            | meta
         )
     flags = flags.format(folder=folder, seed=seed)  # an arm may name another run's folder
     argv = [*common, *flags.split(), "--seed", str(seed), "--out-dir", str(folder), "--run-name", run_dir.name]
     print(f"== {arm}, seed {seed}: {' '.join(argv)}", flush=True)
+    meta = provenance()
     try:
         if runner == "ablation":
             ablations.main(argv)
@@ -118,7 +138,10 @@ def run_arm(folder, arm, flags, runner, seed, common):
     except SystemExit as e:  # a collapse or NaN stop: recorded, the table goes on
         print(f"== stopped (exit {e.code}); recorded as such", flush=True)
         return None
-    return json.loads((run_dir / "results.json").read_text()) | authors_eval.evaluate_run(run_dir)
+    (run_dir / "provenance.json").write_text(json.dumps(meta))
+    return (
+        json.loads((run_dir / "results.json").read_text()) | authors_eval.evaluate_run(run_dir) | {"provenance": meta}
+    )
 
 
 def mean_std(values, scale=1.0, digits=1):
@@ -178,6 +201,42 @@ def by_layer(runs):
     return [] if len(lines) == 2 else ["Every layer, first to last, mean over the seeds that finished:", "", *lines, ""]
 
 
+def paired(runs, reference):
+    """Markdown: the paired reading. Arms at one seed share the backbone's initialisation, the data order and the
+    augmentations, and a head and its control share the batch: per seed, each arm minus the reference arm (kNN,
+    linear) and each head's F~ minus its backbone control (last layer, and the layer where the difference is
+    largest); then mean ± sd, the signs, and the effect size d = mean / sd of the differences."""
+    by = {(r["arm"], r["seed"]): r["results"] for r in runs}
+
+    def row(label, diffs, scale, digits):
+        diffs = [d * scale for d in diffs]
+        if not diffs:
+            return None
+        signs = f"{sum(d > 0 for d in diffs)}+ {sum(d < 0 for d in diffs)}-"
+        each = " ".join(f"{d:+.{digits}f}" for d in diffs)
+        if len(diffs) < 2:
+            return f"| {label} | {each} | — | {signs} | — |"
+        mean, sd = statistics.mean(diffs), statistics.stdev(diffs)
+        d = f"{mean / sd:+.1f}" if sd > 0 else "—"
+        return f"| {label} | {each} | {mean:+.{digits}f} ± {sd:.{digits}f} | {signs} | {d} |"
+
+    lines = ["| pair | per seed | mean ± sd | signs | d |", "|" + " --- |" * 5]
+    for arm in dict.fromkeys(r["arm"] for r in runs):
+        seeds = [s for (a, s), res in by.items() if a == arm and res and by.get((reference, s))]  # both finished
+        for key, name in (("knn_acc", "kNN %"), ("linear_acc", "linear %")):
+            if reference and arm != reference:
+                diffs = [by[arm, s][key] - by[reference, s][key] for s in seeds]
+                lines.append(row(f"{arm} minus {reference}: {name}", diffs, 100, 1))
+        done = [by[arm, s] for (a, s), res in by.items() if a == arm and res and "control_norm" in res]
+        if done:
+            last = [r["fusion_norm"][-1] - r["control_norm"][-1] for r in done]
+            gaps = [max(zip(r["fusion_norm"], r["control_norm"]), key=lambda fc: fc[0] - fc[1]) for r in done]
+            lines.append(row(f"{arm}: F~ minus its control, last layer", last, 1, 3))
+            lines.append(row(f"{arm}: F~ minus its control, largest layer", [f - c for f, c in gaps], 1, 3))
+    lines = [line for line in lines if line]
+    return [] if len(lines) == 2 else ["Paired differences (signs: seeds above and below 0):", "", *lines, ""]
+
+
 def make_table(name, seeds, out_dir, common):
     folder = Path(out_dir) / name
     folder.mkdir(parents=True, exist_ok=True)
@@ -204,6 +263,10 @@ def make_table(name, seeds, out_dir, common):
     spread = spread if len(seeds) > 1 else f"One seed ({seeds[0]}): single runs, no spread"
     table.append(f"{spread}; chance of F~: {chance:.3f}." if chance else f"{spread}.")
     table += ["", "```bash", command, "```", "", *by_layer(runs)]
+    mlps = [arm for arm, flags, _ in TABLES[name] if flags.split()[:2] == ["--head", "ffn"]]
+    table += paired(runs, mlps[0] if len(mlps) == 1 else None)  # batch: an MLP per N, no one reference
+    metas = {json.dumps(r["results"]["provenance"]) for r in runs if r["results"] and "provenance" in r["results"]}
+    table += [f"Ran at: {'; '.join(sorted(metas))}.", ""] if metas else []
     (folder / "table.md").write_text("\n".join(table))
     (folder / "runs.json").write_text(json.dumps(runs, indent=1))
     (folder / "epochs.md").write_text(epochs_table(folder, runs))
