@@ -1,5 +1,5 @@
-"""Deep Fusion in its strong form, constructed: a deeper attention layer more class-aligned than ANY per-token
-cosine metric can be at the same sharpness, because the layer before it mixed tokens of the same class.
+"""Deep Fusion's strong form, tested where it can be built: is a deeper attention layer, whose inputs an earlier layer
+mixed, more class-aligned than per-token metrics can be at the same sharpness?
 
   python experiments/constructed.py                 # the sweep, 10 draws per setting (about a minute on 2 cores)
   python experiments/constructed.py --draws 3 --out-dir /tmp/c
@@ -9,8 +9,12 @@ classes overlap token by token; each image has two views (view noise 0.1). The b
 is x0 = the coordinates of x in the span of the class means (known here): noise outside it carries no class.
 Layer l: A_l = softmax(beta_l cos(x_i, x_j)) over all 2N tokens, then x_{l+1} = A_l x_l (identity values, no
 residual, no parameters). At every layer: F~ (deep_fusion.fusion_score), the rows' entropy outside self and
-partner, and the ORACLE: F~ of cosine attention on x0 at that same entropy (experiments/fusion.cosine_control).
-A layer above its oracle attends to its class more than any sharpening of the best per-token metric could.
+partner, and two per-token references at that same entropy: the ORACLE, cosine attention on x0
+(experiments/fusion.cosine_control), and the BAYES oracle, softmax(kappa q_ij) with q_ij = p_i . p_j the posterior
+probability that tokens i and j share a class (p_i: the class posterior of x0_i, known here). Why the second bounds
+every layer: tokens of different images are independent given their classes, so P(c_i = c_j | the batch) = q_ij;
+any attention's expected F~ is then its rows' weight on q, which at a given mean entropy softmax(kappa q) maximises
+(the Gibbs variational principle, one kappa for all rows). A layer can beat it on one batch only by chance.
 Also: NT-Xent of the fused tokens against the per-token ones, each view's tokens as z (does the loss pay for it?).
 """
 
@@ -34,14 +38,17 @@ K, DIM, N, TAU = 4, 32, 128, 0.5  # classes, ambient dimension, images (2N token
 
 
 def draw(sep, seed):
-    """x0 (2N, K): both views of N images in the span of the class means; labels (2N,); pair (2N,)."""
+    """x0 (2N, K): both views of N images in the span of the class means; labels (2N,); pair (2N,); q (2N, 2N): the
+    posterior probability that two tokens share a class, from x0 alone (Gaussian classes, noise variance 1.01)."""
     g = torch.Generator().manual_seed(seed)
     means = sep * F.normalize(torch.randn(K, DIM, generator=g, dtype=torch.float64), dim=1)  # (K, DIM)
     y = torch.arange(N) % K
     x = means[y] + torch.randn(N, DIM, generator=g, dtype=torch.float64)  # overlapping classes
     views = torch.cat([x + 0.1 * torch.randn(N, DIM, generator=g, dtype=torch.float64) for _ in range(2)])
     span = torch.linalg.qr(means.T)[0]  # (DIM, K), orthonormal
-    return views @ span, torch.cat([y, y]), torch.arange(2 * N).roll(N)
+    x0 = views @ span  # (2N, K)
+    p = torch.softmax(-torch.cdist(x0, means @ span).pow(2) / (2 * 1.01), dim=1)  # (2N, K): p(k | x0_i), equal priors
+    return x0, torch.cat([y, y]), torch.arange(2 * N).roll(N), p @ p.T
 
 
 def cosine_attention(x, beta):
@@ -57,14 +64,29 @@ def rest_entropy(A, labels, pair):
     return fusion.row_entropy(rest / rest.sum(1, keepdim=True))
 
 
-def measure(x0, labels, pair, betas):
-    """Per layer: F~, entropy, the oracle at that entropy; NT-Xent of x0 and of the last layer's tokens."""
+def similarity_control(s, labels, pair, entropy):
+    """F~ of softmax(kappa s_ij) over the keys j != i, pair(i), for a similarity s (n, n) of any per-token metric,
+    kappa set by bisection so that the mean row entropy is `entropy` (fusion.cosine_control, for any s)."""
+    s = s.float().masked_fill(~df.others(labels, pair)[1], float("-inf"))
+    s = s / s[torch.isfinite(s)].abs().max()  # kappa then spans the same range for every metric
+    lo, hi = 0.0, 1e4
+    for _ in range(60):
+        kappa = (lo + hi) / 2
+        lo, hi = (kappa, hi) if fusion.row_entropy(torch.softmax(kappa * s, 1)) > entropy else (lo, kappa)
+    return df.fusion_score(torch.softmax(kappa * s, 1), labels, pair)[1]
+
+
+def measure(x0, labels, pair, q, betas):
+    """Per layer: F~, entropy, the cosine and the Bayes oracles at that entropy; NT-Xent of x0 and of the last
+    layer's tokens."""
     x, rows = x0, []
     for beta in betas:
         A = cosine_attention(x, beta)
         entropy = rest_entropy(A, labels, pair)
         oracle = fusion.cosine_control(x0.float(), labels, pair, entropy)[0]
+        bayes = similarity_control(q, labels, pair, entropy)
         rows.append({"fusion_norm": df.fusion_score(A, labels, pair)[1], "entropy": entropy, "oracle": oracle})
+        rows[-1]["bayes"] = bayes
         x = A @ x  # (2N, K): each token moves toward the tokens it attends to
     loss = {name: df.nt_xent(*z.chunk(2), TAU).item() for name, z in (("per_token", x0), ("fused", x))}
     return rows, loss
@@ -76,29 +98,30 @@ def sweep(draws):
     for sep in SEPS:
         for betas in BETAS:
             for seed in range(draws):
-                x0, labels, pair = draw(sep, seed)
-                layers, loss = measure(x0, labels, pair, betas)
+                layers, loss = measure(*draw(sep, seed), betas)
                 runs.append({"sep": sep, "betas": list(betas), "seed": seed, "layers": layers, "loss": loss})
     return runs
 
 
 def table(runs):
-    """Markdown: per setting, layer 2's F~ minus its oracle (mean ± sd over draws, draws above), and the losses."""
+    """Markdown: per setting, layer 2's F~ minus each oracle (mean ± sd over draws, draws above), and the losses."""
     ms = lambda v: f"{statistics.mean(v):+.3f} ± {statistics.stdev(v):.3f}" if len(v) > 1 else f"{v[0]:+.3f}"  # noqa: E731
     mean = lambda v: f"{statistics.mean(v):.3f}"  # noqa: E731
     lines = ["| sep | beta_1, beta_2 | F~ layer 1 | F~ layer 2 | entropy layer 2 | oracle at it | layer 2 - oracle |"
-             " draws above | NT-Xent per-token | NT-Xent fused |", "|" + " --- |" * 10]  # fmt: skip
+             " draws above | Bayes oracle at it | layer 2 - Bayes | draws above | NT-Xent per-token | NT-Xent fused |",
+             "|" + " --- |" * 13]  # fmt: skip
     for sep in SEPS:
         for betas in BETAS:
             rs = [r for r in runs if r["sep"] == sep and r["betas"] == list(betas)]
             l1, l2 = [r["layers"][0] for r in rs], [r["layers"][1] for r in rs]
-            diff = [b["fusion_norm"] - b["oracle"] for b in l2]
             cells = [mean([a["fusion_norm"] for a in l1]), mean([b["fusion_norm"] for b in l2])]
-            cells += [f"{statistics.mean(b['entropy'] for b in l2):.2f}", mean([b["oracle"] for b in l2]), ms(diff)]
-            cells += [f"{sum(d > 0 for d in diff)}/{len(diff)}"]
+            cells += [f"{statistics.mean(b['entropy'] for b in l2):.2f}"]
+            for key in ("oracle", "bayes"):
+                diff = [b["fusion_norm"] - b[key] for b in l2]
+                cells += [mean([b[key] for b in l2]), ms(diff), f"{sum(d > 0 for d in diff)}/{len(diff)}"]
             cells += [mean([r["loss"][k] for r in rs]) for k in ("per_token", "fused")]
             lines.append(f"| {sep:g} | {betas[0]:g}, {betas[1]:g} | " + " | ".join(cells) + " |")
-    chance = df.fusion_score(torch.ones(2 * N, 2 * N), *draw(1.0, 0)[1:])[3]  # uniform attention
+    chance = df.fusion_score(torch.ones(2 * N, 2 * N), *draw(1.0, 0)[1:3])[3]  # uniform attention
     lines.append(f"\nChance of F~ {chance:.3f}. Layer 1 is cosine attention on x0 itself, so it equals its oracle.")
     return "\n".join(lines) + "\n"
 

@@ -43,15 +43,15 @@ def plot_attention(attn, labels, pair, names, title, note="", cols=5):
         for e in edges:
             top.axhline(e - 0.5, color="grey", lw=0.4)
             top.axvline(e - 0.5, color="grey", lw=0.4)
-        top.set_xticks(centres, present, rotation=90, fontsize=8)
-        top.set_yticks(centres, present if l % cols == 0 else [], fontsize=8)  # names on the first column
-        top.set_title(f"layer {l + 1}: tokens", fontsize=10)
+        top.set_xticks(centres, present, rotation=90, fontsize=10)
+        top.set_yticks(centres, present if l % cols == 0 else [], fontsize=10)  # names on the first column
+        top.set_title(f"layer {l + 1}: tokens", fontsize=12)
         bottom.imshow(fusion.class_matrix(A[l], labels, pair), **SCALE)
-        bottom.set_xticks(range(len(present)), present, rotation=90, fontsize=8)
-        bottom.set_yticks(range(len(present)), present if l % cols == 0 else [], fontsize=8)
-        bottom.set_title(f"layer {l + 1}: class to class", fontsize=10)
+        bottom.set_xticks(range(len(present)), present, rotation=90, fontsize=10)
+        bottom.set_yticks(range(len(present)), present if l % cols == 0 else [], fontsize=10)
+        bottom.set_title(f"layer {l + 1}: class to class", fontsize=12)
     fig.colorbar(im, ax=ax.ravel().tolist(), shrink=0.5, label="attention over uniform (n A; 1 = uniform)")
-    fig.suptitle(f"{title}\n{note}" if note else title, fontsize=11)
+    fig.suptitle(f"{title}\n{note}" if note else title, fontsize=13)
     return fig
 
 
