@@ -11,10 +11,12 @@ Layer l: A_l = softmax(beta_l cos(x_i, x_j)) over all 2N tokens, then x_{l+1} = 
 residual, no parameters). At every layer: F~ (deep_fusion.fusion_score), the rows' entropy outside self and
 partner, and two per-token references at that same entropy: the ORACLE, cosine attention on x0
 (experiments/fusion.cosine_control), and the BAYES oracle, softmax(kappa q_ij) with q_ij = p_i . p_j the posterior
-probability that tokens i and j share a class (p_i: the class posterior of x0_i, known here). Why the second bounds
-every layer: tokens of different images are independent given their classes, so P(c_i = c_j | the batch) = q_ij;
-any attention's expected F~ is then its rows' weight on q, which at a given mean entropy softmax(kappa q) maximises
-(the Gibbs variational principle, one kappa for all rows). A layer can beat it on one batch only by chance.
+probability that tokens i and j share a class (p_i: the class posterior of x0_i, known here). Why it bounds every
+layer: were images drawn independently (classes too), P(c_i = c_j | the batch) would be the same-class posterior of
+the two images, and any attention's expected F~ its rows' weight on it, which at a given mean entropy softmax(kappa
+q) maximises (Gibbs; one kappa for all rows). Here q is a close stand-in, slightly below that bound: it uses one
+view of each image (both would cut the noise variance from 1.01 to 1.005) and ignores that the batch holds exactly
+N/K images a class. So a layer beats it on one batch only by chance or by those small margins.
 Also: NT-Xent of the fused tokens against the per-token ones, each view's tokens as z (does the loss pay for it?).
 """
 

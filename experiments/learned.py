@@ -96,8 +96,9 @@ def same_class_probability(x, seed):
 
 
 def bayes_oracle(r):
-    """By layer: F~ of softmax(kappa q) at the run's entropies, the Bayes oracle (experiments/constructed.py): in
-    expectation no attention of the same mean entropy attends more to its class."""
+    """By layer: F~ of softmax(kappa q) at the run's entropies, the Bayes oracle (experiments/constructed.py). The
+    classes are drawn independently here, so in expectation no attention of the same mean entropy attends more to
+    its class, up to q using one view of each image (both would cut the noise variance from 1.01 to 1.005)."""
     x, labels, pair = eval_batch(r["seed"], r["nuisance"], overlap=True)
     q = same_class_probability(x, r["seed"])
     return [constructed.similarity_control(q, labels, pair, e) for e in r["entropy"]]
