@@ -1736,7 +1736,7 @@ def test_at_one_mean_entropy_softmax_of_q_maximises_the_rows_weight_on_q():
     for _ in range(5):
         logits = 3 * torch.randn(32, 32, generator=gen)
         A = torch.softmax(logits, 1)
-        entropy = constructed.rest_entropy(A, labels, pair)
+        entropy = fusion.rest_entropy(A, labels, pair)
         s = q.masked_fill(~other, float("-inf")) / q.max()
         lo, hi = 0.0, 1e4
         for _ in range(60):  # as similarity_control sets kappa

@@ -59,13 +59,6 @@ def cosine_attention(x, beta):
     return torch.softmax(beta * c @ c.T, dim=1)
 
 
-def rest_entropy(A, labels, pair):
-    """Mean entropy of A's rows over the keys outside self and partner, renormalised (as fusion.report)."""
-    other = df.others(labels, pair)[1]
-    rest = A * other
-    return fusion.row_entropy(rest / rest.sum(1, keepdim=True))
-
-
 def similarity_control(s, labels, pair, entropy):
     """F~ of softmax(kappa s_ij) over the keys j != i, pair(i), for a similarity s (n, n) of any per-token metric,
     kappa set by bisection so that the mean row entropy is `entropy` (fusion.cosine_control, for any s)."""
@@ -84,7 +77,7 @@ def measure(x0, labels, pair, q, betas):
     x, rows = x0, []
     for beta in betas:
         A = cosine_attention(x, beta)
-        entropy = rest_entropy(A, labels, pair)
+        entropy = fusion.rest_entropy(A, labels, pair)
         oracle = fusion.cosine_control(x0.float(), labels, pair, entropy)[0]
         bayes = similarity_control(q, labels, pair, entropy)
         rows.append({"fusion_norm": df.fusion_score(A, labels, pair)[1], "entropy": entropy, "oracle": oracle})

@@ -21,6 +21,12 @@ def row_entropy(A):
     return -(A * A.clamp_min(1e-30).log()).sum(1).mean().item()
 
 
+def rest_entropy(A, labels, pair):
+    """Mean entropy of a map A's (n, n) rows over the keys outside self and partner, each row renormalised."""
+    rest = A * df.others(labels, pair)[1]
+    return row_entropy(rest / rest.sum(-1, keepdim=True).clamp_min(1e-12))
+
+
 def cosine_control(h, labels, pair, entropy):
     """F~ of softmax(beta cos(h_i, h_j)) over the keys j != i, pair(i), with beta set by bisection so that its mean
     row entropy equals `entropy` (the head's own over those keys). Depends on h (n, D) alone. Returns (F~, beta)."""
@@ -45,9 +51,7 @@ def class_matrix(A, labels, pair):
 def report(attn, labels, pair, h):
     """Per layer of attn (L, heads, n, n): the entropy of the rows outside self and partner (heads averaged), the
     backbone control at that entropy and its beta; F~ per head."""
-    A, other = attn.float().mean(1), df.others(labels, pair)[1]  # (L, n, n)
-    rest = A * other / (A * other).sum(-1, keepdim=True).clamp_min(1e-12)  # rows outside self and partner
-    entropy = [row_entropy(r) for r in rest]
+    entropy = [rest_entropy(a, labels, pair) for a in attn.float().mean(1)]  # heads averaged, per layer
     control = [cosine_control(h, labels, pair, e) for e in entropy]
     return {
         "entropy": entropy,
