@@ -337,6 +337,26 @@ def test_cosine_control_is_computed_from_h_alone():
     assert min(a) > max(b) + 0.2  # near-uniform attention: a soft control, still led by h
 
 
+def test_the_token_control_reads_each_layers_own_input_in_the_maps_order():
+    """attention_report puts the blocks' inputs in the class-sorted order of attention_maps: layer 1 attends over
+    embed(h), so its tokens are g.embed of the h it returns, row for row; the token control is the cosine control on
+    each layer's tokens at that layer's entropy."""
+    cfg = parse_args([*TINY, "--head", "transformer"])
+    data = df.load_dataset(cfg)
+    f, g = build_fg(cfg)
+    with torch.no_grad():
+        (attn, labels, pair, h), (h_seen, *tokens) = fusion.block_inputs(
+            g, lambda: df.attention_maps(cfg, f, g, *data[2:], torch.device("cpu"))
+        )
+        assert len(tokens) == cfg.head_depth and not torch.equal(h, h_seen)  # the maps' order is not the pass's
+        r = fusion.attention_report(cfg, f, g, data, torch.device("cpu"))
+        order = torch.cdist(h, h_seen).argmin(1)
+        assert torch.allclose(tokens[0][order], g.embed(h), atol=1e-5)
+    expect = [fusion.cosine_control(x[order], labels, pair, e)[0] for x, e in zip(tokens, r["entropy"])]
+    assert r["token_control_norm"] == expect and len(r["control_norm"]) == cfg.head_depth
+    assert not any(m._forward_pre_hooks for m in g.modules())  # the hooks are gone
+
+
 def test_class_matrix_is_flat_for_uniform_and_diagonal_for_fusion():
     labels, pair = paired_batch([5, 9, 6])
     n = len(labels)
@@ -1460,7 +1480,9 @@ def test_learned_setting_data_and_report(tmp_path, monkeypatch, capsys):
     assert len(r["fusion_norm"]) == len(r["control_x"]) == len(r["control_h"]) == len(r["entropy"]) == 2
     assert len(r["oracle_x"]) == 2 and all(0 <= v <= 1 for v in r["oracle_x"])
     assert 0.2 < r["chance"] < 0.3 and all(0 <= v <= 1 for v in r["fusion_norm"] + r["control_x"])
-    monkeypatch.setattr(learned, "GRID", [(1.0, "adamw", "authors", 1, False), (1.0, "adamw", "authors", 1, True)])
+    monkeypatch.setattr(
+        learned, "GRID", [(1.0, "adamw", "authors", 1, False, 1.0), (1.0, "adamw", "authors", 1, True, 1.0)]
+    )
     monkeypatch.setattr(learned, "train_one", lambda *a, **k: {**r, "nuisance": a[3], "opt": a[1], "head": a[0],
                                                                "depth": a[2], **k})  # fmt: skip
     runs = learned.table([0, 1], tmp_path)
@@ -1473,6 +1495,23 @@ def test_learned_setting_data_and_report(tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit) as e:
         learned.main(["--depth", "0"])
     assert e.value.code == 2 and "--depth 0: must be positive" in capsys.readouterr().err
+
+
+def test_the_sgd_sweep_scales_the_learning_rate_and_measures_the_token_control(tmp_path, monkeypatch):
+    bases = []
+    lr_at = df.lr_at
+    monkeypatch.setattr(
+        df, "lr_at", lambda step, total, warmup, base: bases.append(base) or lr_at(step, total, warmup, base)
+    )
+    runs = [learned.train_one("authors", "sgd", depth=2, steps=2, batch_size=16, lr_scale=s) for s in (1.0, 5.0)]
+    assert bases[-1] == pytest.approx(5 * bases[0]) and bases[0] == pytest.approx(0.06 * 16 / 128)  # the recipe's
+    assert "lr_scale" not in runs[0] and runs[1]["lr_scale"] == 5.0 and runs[0]["fusion_norm"] != runs[1]["fusion_norm"]
+    assert len(runs[1]["control_tokens"]) == 2 and all(0 < v < 1 for v in runs[1]["control_tokens"])
+    monkeypatch.setattr(learned, "SWEEP_GRID", [(3.0, "sgd", "authors", 2, False, 5.0)])
+    monkeypatch.setattr(learned, "train_one", lambda *a, **k: runs[1] | {"seed": k["seed"]})
+    learned.table([0, 1], tmp_path, sweep=True)
+    md = (tmp_path / "table.md").read_text()
+    assert "| 3 | sgd x5 lr | authors | 2 | none |" in md and "token control by layer" in md
 
 
 # ---- The results-table script ----------------------------------------------------------
@@ -1514,7 +1553,8 @@ def test_table_runs_arms_by_seeds_writes_markdown_and_json_and_skips_finished_ru
     paired = md.split("Paired differences")[1]
     knn_gap = [runs[2 + s]["results"]["knn_acc"] - runs[s]["results"]["knn_acc"] for s in (0, 1)]  # uniform - MLP
     assert f"| uniform minus MLP: kNN % | {100 * knn_gap[0]:+.1f} {100 * knn_gap[1]:+.1f} | " in paired
-    assert "| uniform: F~ minus its control, last layer |" in paired and "| MLP: F~" not in paired
+    assert "| uniform: F~ minus its backbone control, last layer |" in paired and "| MLP: F~" not in paired
+    assert "| uniform: F~ minus its token control, last layer |" in paired
     assert f"Ran at: {json.dumps(meta)}" in md
     epochs = [row.strip("| ").split(" | ") for row in (tmp_path / "tiny" / "epochs.md").read_text().splitlines()[2:]]
     assert [(seed, epoch) for _, seed, epoch, *_ in epochs] == [(s, e) for s in "0101" for e in "01"]  # init, end
@@ -1522,6 +1562,19 @@ def test_table_runs_arms_by_seeds_writes_markdown_and_json_and_skips_finished_ru
     monkeypatch.setattr(df, "main", lambda *a, **k: pytest.fail("a finished run ran again"))
     monkeypatch.setattr(ablations, "main", lambda *a, **k: pytest.fail("a finished run ran again"))
     assert table.main(argv) == runs
+    # a run made before the token control: filled in from its checkpoint, as training measured it
+    done = tmp_path / "tiny" / "uniform-seed1" / "results.json"
+    recorded = json.loads(done.read_text())
+    done.write_text(json.dumps({k: v for k, v in recorded.items() if k != "token_control_norm"}))
+    assert table.main(argv)[3]["results"]["token_control_norm"] == pytest.approx(
+        recorded["token_control_norm"], abs=1e-6
+    )
+    # the same run in another table is copied, not trained; another seed is not the same run
+    monkeypatch.setitem(table.TABLES, "tiny2", [("MLP again", "--head ffn", "core")])
+    again = table.main(["tiny2", "--seeds", "1", "--out-dir", str(tmp_path), "--", *TINY, "--epochs", "1"])[0]
+    assert again["results"]["knn_acc"] == runs[1]["results"]["knn_acc"]
+    assert again["results"]["provenance"]["copied_from"] == str(tmp_path / "tiny" / "mlp-seed1")
+    assert table.same_run(tmp_path / "tiny2", [*TINY, "--epochs", "1", "--head", "ffn", "--seed", "2"], "core") is None
 
 
 # ---- The documentation: every command it shows runs, every name it gives exists --------
@@ -1688,7 +1741,7 @@ def test_the_oracle_control_projects_the_nuisance_out_and_fills_old_runs_exactly
     assert oracle[1] > raw[1] + 0.1  # at nuisance 3 the raw cosine has lost most of the classes; the oracle has not
     r = learned.train_one("authors", "adamw", depth=1, nuisance=3.0, steps=3, batch_size=16, seed=1)
     (tmp_path / "runs.json").write_text(json.dumps([{k: v for k, v in r.items() if k != "oracle_x"}]))
-    monkeypatch.setattr(learned, "GRID", [(3.0, "adamw", "authors", 1, False)])
+    monkeypatch.setattr(learned, "GRID", [(3.0, "adamw", "authors", 1, False, 1.0)])
     monkeypatch.setattr(learned, "train_one", lambda *a, **k: pytest.fail("a finished run ran again"))
     assert learned.table([1], tmp_path)[0]["oracle_x"] == r["oracle_x"]  # filled in, as training computes it
     assert "oracle control" in (tmp_path / "table.md").read_text()

@@ -4,8 +4,11 @@
   cosine_control   F~ of the parameter-free attention softmax(beta cos(h_i, h_j)) on the backbone's features,
                    at the head's own row entropy: the fusion that the backbone's neighbourhoods alone give
   class_matrix     K x K class-to-class attention over its uniform value
-  report           per layer: entropy, the control at that entropy, and F~ per head
-  evaluate         deep_fusion.evaluate plus report: the monitor that ablations.py and table.py train with
+  report           per layer: entropy, the control at that entropy, and F~ per head; given each layer's input
+                   tokens, the token control: the same cosine attention on the tokens that layer attends over
+  block_inputs     each block's input tokens while a forward pass of the head runs
+  attention_report the report on a run's fixed labelled batch (the same maps deep_fusion.evaluate draws)
+  evaluate         deep_fusion.evaluate plus attention_report: the monitor that ablations.py and table.py train with
 
 A head whose F~ does not beat its control adds no class structure beyond the backbone's own neighbourhoods.
 """
@@ -48,24 +51,48 @@ def class_matrix(A, labels, pair):
     return mean_by_class(A.float() * other) / mean_by_class(other)  # (K, K)
 
 
-def report(attn, labels, pair, h):
+def report(attn, labels, pair, h, tokens=None):
     """Per layer of attn (L, heads, n, n): the entropy of the rows outside self and partner (heads averaged), the
-    backbone control at that entropy and its beta; F~ per head."""
+    backbone control at that entropy and its beta; F~ per head. With tokens (L of (n, d), each layer's input, in the
+    order of labels): the token control, the cosine attention on the tokens a layer attends over, at its entropy."""
     entropy = [rest_entropy(a, labels, pair) for a in attn.float().mean(1)]  # heads averaged, per layer
     control = [cosine_control(h, labels, pair, e) for e in entropy]
-    return {
+    out = {
         "entropy": entropy,
         "control_norm": [c[0] for c in control],
         "control_beta": [c[1] for c in control],
         "fusion_norm_per_head": [[df.fusion_score(a, labels, pair)[1] for a in layer] for layer in attn],
     }
+    if tokens is not None:
+        out["token_control_norm"] = [cosine_control(x, labels, pair, e)[0] for x, e in zip(tokens, entropy)]
+    return out
+
+
+def block_inputs(g, forward):
+    """Run forward() (a pass of the head g) and keep what g's embedding and each of its blocks receive: returns
+    forward's result and [h, x_1, ..., x_L] (float, on the CPU), x_l the tokens layer l attends over."""
+    kept = []
+    keep = lambda module, args: kept.append(args[0].detach().float().cpu())  # noqa: E731
+    hooks = [m.register_forward_pre_hook(keep) for m in (g.embed, *g.blocks)]
+    try:
+        return forward(), kept
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
+def attention_report(cfg, f, g, data, device):
+    """report on deep_fusion.attention_maps' labelled batch (seeded: the same maps at every call), token control
+    included: the blocks' inputs are put in the maps' class-sorted order by matching h."""
+    (attn, labels, pair, h), (h_seen, *tokens) = block_inputs(
+        g, lambda: df.attention_maps(cfg, f, g, *data[2:], device)
+    )
+    order = torch.cdist(h, h_seen).argmin(1)  # h = h_seen[order]: attention_maps sorts the tokens by class
+    return report(attn, labels, pair, h, [x[order] for x in tokens])
 
 
 def evaluate(cfg, f, g, data, device, run_dir, final=False):
-    """deep_fusion.evaluate, and for a Transformer head the report on the same labeled batch (the same maps: the
-    batch and its augmentation are seeded)."""
+    """deep_fusion.evaluate, and for a Transformer head the attention report on the same labeled batch (the same
+    maps: the batch and its augmentation are seeded)."""
     out = df.evaluate(cfg, f, g, data, device, run_dir, final)
-    if cfg.head == "transformer":
-        attn, labels, pair, h = df.attention_maps(cfg, f, g, data[2], data[3], device)
-        out |= report(attn, labels, pair, h)
-    return out
+    return out | attention_report(cfg, f, g, data, device) if cfg.head == "transformer" else out

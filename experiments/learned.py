@@ -4,6 +4,7 @@ attention becomes class-aligned layer by layer, beyond what the inputs' own neig
   python experiments/learned.py --opt adamw --head tied --depth 4 --nuisance 3 --seed 0
   python experiments/learned.py --table --seeds 0 1 2   # resumes experiments/results/learned/runs.json
   python experiments/learned.py --table --data overlap  # experiments/results/overlap: classes that overlap per token
+  python experiments/learned.py --table --sweep         # experiments/results/sgd_lr: the SGD learning rate x5, x20
 
 The data are Theorem 1's (notebook section 3): K classes, each in its own sub_dim-dimensional subspace of R^dim
 (orthonormal, so independent), coordinates c_k + N(0, I) with |c_k| = 2 (the margin, on average). Each view adds
@@ -12,7 +13,8 @@ variance. There is no image and, unless --backbone, no backbone: h = x. deep_fus
 masked) and nt_xent train on fresh batches of N images; each run prints per layer the normalised fusion score F~
 (deep_fusion.fusion_report), its control at the same row entropy (experiments/fusion.py) on the inputs x and,
 with --backbone, on the backbone's output h, the oracle control (the same at the same entropy on x with the nuisance
-subspace projected out, known here), and the rows' entropy. With --data overlap the classes share one K-dimensional
+subspace projected out, known here), the token control (the same on the tokens each layer attends over), and
+the rows' entropy. With --data overlap the classes share one K-dimensional
 span (means SEP u_k, unit noise in every dimension outside the nuisance), so no per-token metric separates them
 cleanly; the oracle is then cosine attention on x's coordinates in that span, the best per-token view the data allow.
 """
@@ -38,10 +40,13 @@ FLAGS = (
     ("--batch-size", dict(type=int, default=128, help="N images per step (2N tokens)")),
     ("--backbone", dict(action="store_true", help="train a small MLP backbone f with the head")),
     ("--seed", dict(type=int, default=0)),
+    ("--lr-scale", dict(type=float, default=1.0, help="the optimizer's learning rate times this")),
     ("--table", dict(action="store_true", help="the grid (nuisance x opt x head x depth, + 2 backbone rows) x seeds")),
     ("--seeds", dict(type=int, nargs="+", default=[0, 1, 2], help="with --table")),
     ("--data", dict(default="subspaces", choices=("subspaces", "overlap"), help="classes in their own subspaces, or"
                     " overlapping token by token (means SEP u_k, unit noise in every dimension outside the nuisance)")),
+    ("--sweep", dict(action="store_true", help="with --table: the authors' head at nuisance 3, SGD's lr x5 and x20,"
+                     " AdamW beside (experiments/results/sgd_lr)")),
     ("--out-dir", dict(help="with --table: where runs.json and table.md go (experiments/results/learned or overlap)")),
 )  # fmt: skip
 K, SUB, DIM, NUIS = 4, 3, 32, 12  # classes, their subspaces' dimension, the ambient one, the nuisance's
@@ -114,6 +119,7 @@ def train_one(
     backbone=False,
     seed=0,
     overlap=False,
+    lr_scale=1.0,
 ):
     """Train, then measure on a fixed labelled batch; returns the per-layer report (and the run's settings)."""
     torch.manual_seed(seed)
@@ -130,7 +136,7 @@ def train_one(
         groups = [{"params": [p for n, p in named if not n.endswith("log_scale")]}]
         groups += [{"params": [p for n, p in named if n.endswith("log_scale")], "weight_decay": 0.0}]
         optimizer = torch.optim.AdamW(groups, lr=1e-3, weight_decay=1e-4)
-    base, warmup = optimizer.param_groups[0]["lr"], steps // 10  # warmup, then cosine, as deep_fusion.py
+    base, warmup = lr_scale * optimizer.param_groups[0]["lr"], steps // 10  # warmup, then cosine, as deep_fusion.py
     gen, t0 = torch.Generator().manual_seed(seed + 1), time.time()
     for step in range(steps):
         for group in optimizer.param_groups:
@@ -145,12 +151,14 @@ def train_one(
     x, labels, pair = eval_batch(seed, nuisance, overlap)
     with torch.no_grad():
         h = f(x)
-        maps = torch.stack(g(h, return_attention=True)[1])  # (L, heads, n, n)
+        (_, maps), (_, *tokens) = fusion.block_inputs(g, lambda: g(h, return_attention=True))
+    maps = torch.stack(maps)  # (L, heads, n, n)
     r = df.fusion_report(maps, labels, pair)
-    on_x = fusion.report(maps, labels, pair, x)  # the control on the inputs, at each layer's entropy
+    on_x = fusion.report(maps, labels, pair, x, tokens)  # the controls on the inputs and on each layer's tokens
     out = {"head": head, "opt": opt, "depth": depth, "nuisance": nuisance, "steps": steps, "backbone": backbone}
     out |= {"seed": seed, "loss": loss.item(), "fusion_norm": r["fusion_norm"], "chance": r["fusion_norm_chance"]}
     out |= {"control_x": on_x["control_norm"], "entropy": on_x["entropy"], "time_s": round(time.time() - t0, 1)}
+    out |= {"control_tokens": on_x["token_control_norm"]} | ({"lr_scale": lr_scale} if lr_scale != 1 else {})
     out["oracle_x"] = oracle(x, nuisance_basis, labels, pair, on_x["entropy"], bases[:, :, 0].T if overlap else None)
     if overlap:  # runs of the subspace data carry no "data" key: their run keys stay as committed
         out["data"] = "overlap"
@@ -162,8 +170,9 @@ def train_one(
 def show(r):
     """One run's report as lines of text."""
     row = lambda values: " ".join(f"{v:.3f}" for v in values)  # noqa: E731
+    lr = f" x{r['lr_scale']:g} lr" if "lr_scale" in r else ""
     lines = [
-        f"{r['head']} head, {r['opt']}, {r['depth']} blocks, nuisance {r['nuisance']:g}, seed {r['seed']}"
+        f"{r['head']} head, {r['opt']}{lr}, {r['depth']} blocks, nuisance {r['nuisance']:g}, seed {r['seed']}"
         f"{', with a backbone' if r['backbone'] else ''}{', overlapping classes' if 'data' in r else ''}:"
         f" loss {r['loss']:.3f} ({r['time_s']} s)"
     ]
@@ -171,38 +180,47 @@ def show(r):
     lines.append(f"  control on inputs x  {row(r['control_x'])}")
     if "oracle_x" in r:
         lines.append(f"  oracle ({'best view' if 'data' in r else 'no nuisance'}) {row(r['oracle_x'])}")
+    if "control_tokens" in r:
+        lines.append(f"  control on tokens    {row(r['control_tokens'])}")
     if "control_h" in r:
         lines.append(f"  control on h = f(x)  {row(r['control_h'])}")
     lines.append(f"  entropy (nats)       {' '.join(f'{v:.2f}' for v in r['entropy'])}")
     return "\n".join(lines)
 
 
-GRID = [(nu, opt, head, depth, False) for nu in (0.0, 1.0, 3.0) for opt in ("sgd", "adamw")
+# (nuisance, optimizer, head, blocks, backbone, lr scale)
+GRID = [(nu, opt, head, depth, False, 1.0) for nu in (0.0, 1.0, 3.0) for opt in ("sgd", "adamw")
         for head in ("authors", "tied") for depth in (1, 2, 4, 8)]  # fmt: skip
-GRID += [(3.0, "adamw", head, 4, True) for head in ("authors", "tied")]  # a backbone co-trained: the control on h
-OVERLAP_GRID = [(nu, opt, head, depth, False) for nu in (0.0, 3.0) for opt in ("sgd", "adamw")
+GRID += [(3.0, "adamw", head, 4, True, 1.0) for head in ("authors", "tied")]  # a backbone co-trained: control on h
+OVERLAP_GRID = [(nu, opt, head, depth, False, 1.0) for nu in (0.0, 3.0) for opt in ("sgd", "adamw")
                 for head in ("authors", "tied") for depth in (2, 4, 8)]  # fmt: skip
+# SGD at 5 and 20 times the recipe's lr (0.06), where GRID's SGD runs stay at chance and AdamW's fuse; AdamW again,
+# now with the token control (GRID's runs predate it)
+SWEEP_GRID = [(3.0, opt, "authors", depth, False, scale) for opt, scale in (("sgd", 5.0), ("sgd", 20.0), ("adamw", 1.0))
+              for depth in (2, 4, 8)]  # fmt: skip
 
 
-def table(seeds, out_dir, overlap=False):
+def table(seeds, out_dir, overlap=False, sweep=False):
     """The grid, every seed; a finished run is read back, and a run without the oracle control gets it (it needs only
     the run's seed, nuisance and entropies). Markdown: mean +- std over seeds of F~, its controls and the final loss;
     then by layer, F~ minus the oracle control."""
     folder = Path(out_dir)
     folder.mkdir(parents=True, exist_ok=True)
     done = json.loads((folder / "runs.json").read_text()) if (folder / "runs.json").exists() else []
-    key = lambda r: (r["nuisance"], r["opt"], r["head"], r["depth"], r["backbone"], r["seed"])  # noqa: E731
-    grid, data = (OVERLAP_GRID, "overlap") if overlap else (GRID, None)
+    key = lambda r: (r["nuisance"], r["opt"], r["head"], r["depth"], r["backbone"], r.get("lr_scale", 1.0), r["seed"])  # noqa: E731
+    grid, data = (OVERLAP_GRID, "overlap") if overlap else (SWEEP_GRID if sweep else GRID, None)
     if any(r.get("data") != data for r in done):  # one kind of data per folder
         print(
             f"learned.py: error: {folder} holds runs of other data; give --out-dir a folder of its own", file=sys.stderr
         )
         raise SystemExit(2)
     have = {key(r) for r in done}
-    for nu, opt, head, depth, backbone in grid:
+    for nu, opt, head, depth, backbone, scale in grid:
         for seed in seeds:
-            if (nu, opt, head, depth, backbone, seed) not in have:
-                done.append(train_one(head, opt, depth, nu, backbone=backbone, seed=seed, overlap=overlap))
+            if (nu, opt, head, depth, backbone, scale, seed) not in have:
+                done.append(
+                    train_one(head, opt, depth, nu, backbone=backbone, seed=seed, overlap=overlap, lr_scale=scale)
+                )
                 print(show(done[-1]), flush=True)
                 (folder / "runs.json").write_text(json.dumps(done, indent=1))
     missing = [r for r in done if "oracle_x" not in r]
@@ -220,24 +238,32 @@ def table(seeds, out_dir, overlap=False):
     if overlap:  # the per-token reference no attention beats in expectation (experiments/constructed.py)
         by_layer[0] += " Bayes oracle by layer | F~ minus the Bayes oracle by layer (seeds above it) |"
         by_layer[1] += " --- | --- |"
-    for nu, opt, head, depth, backbone in grid:
-        runs = [r for r in done if key(r)[:5] == (nu, opt, head, depth, backbone) and r["seed"] in seeds]
+    tokens = any("control_tokens" in r for r in done)  # runs made since the token control existed
+    if tokens:
+        by_layer[0] += " token control by layer | F~ minus the token control by layer (seeds above it) |"
+        by_layer[1] += " --- | --- |"
+    for nu, opt, head, depth, backbone, scale in grid:
+        runs = [r for r in done if key(r)[:6] == (nu, opt, head, depth, backbone, scale) and r["seed"] in seeds]
         last, ctrl = [r["fusion_norm"][-1] for r in runs], [r["control_x"][-1] for r in runs]
         on_h = ms([r["control_h"][-1] for r in runs]) if backbone else "— (h = x)"
         peak = [max(r["fusion_norm"]) for r in runs]
-        cells = f"{nu:g} | {opt} | {head} | {depth} | {'MLP' if backbone else 'none'}"
+        lr = f" x{scale:g} lr" if scale != 1 else ""
+        cells = f"{nu:g} | {opt}{lr} | {head} | {depth} | {'MLP' if backbone else 'none'}"
         oracle_last, loss = [r["oracle_x"][-1] for r in runs], [r["loss"] for r in runs]
         lines.append(f"| {cells} | {ms(last)} | {ms(ctrl)} | {ms(oracle_last)} | {on_h} | {ms(peak)} | {ms(loss)} |")
         mean = lambda k, runs=runs: [statistics.mean(v) for v in zip(*(r[k] for r in runs))]  # noqa: E731  by layer
-        gaps = [[a - b for a, b in zip(r["fusion_norm"], r["oracle_x"])] for r in runs]  # (seeds, layers)
-        gap = " ".join(f"{statistics.mean(g):+.3f} ({sum(v > 0 for v in g)}/{len(g)})" for g in zip(*gaps))
         row = lambda v: " ".join(f"{u:.3f}" for u in v)  # noqa: E731
-        by_layer.append(f"| {cells} | {row(mean('fusion_norm'))} | {row(mean('oracle_x'))} | {gap} |")
+        by_layer.append(
+            f"| {cells} | {row(mean('fusion_norm'))} | {row(mean('oracle_x'))} | {above(runs, 'oracle_x')} |"
+        )
         if overlap:
             bayes = [bayes_oracle(r) for r in runs]
-            gaps = [[a - b for a, b in zip(r["fusion_norm"], o)] for r, o in zip(runs, bayes)]
-            gap = " ".join(f"{statistics.mean(g):+.3f} ({sum(v > 0 for v in g)}/{len(g)})" for g in zip(*gaps))
+            gap = above([r | {"bayes": o} for r, o in zip(runs, bayes)], "bayes")
             by_layer[-1] += f" {row([statistics.mean(v) for v in zip(*bayes)])} | {gap} |"
+        if tokens:
+            have = [r for r in runs if "control_tokens" in r]
+            cell = f"{row(mean('control_tokens', have))} | {above(have, 'control_tokens')}" if have else "— | —"
+            by_layer[-1] += f" {cell} |"
     chance = {r["seed"]: r["chance"] for r in done}  # the same labelled batch in every run of a seed
     chance = " ".join(f"{chance[seed]:.3f}" for seed in seeds)
     spread = f"Mean ± sample std over seeds {' '.join(map(str, seeds))}" if len(seeds) > 1 else f"One seed ({seeds[0]})"
@@ -258,6 +284,12 @@ def table(seeds, out_dir, overlap=False):
     return done
 
 
+def above(runs, reference):
+    """By layer: the mean over runs of F~ minus runs' `reference` list, and (in brackets) the runs above it."""
+    gaps = [[a - b for a, b in zip(r["fusion_norm"], r[reference])] for r in runs]  # (runs, layers)
+    return " ".join(f"{statistics.mean(g):+.3f} ({sum(v > 0 for v in g)}/{len(g)})" for g in zip(*gaps))
+
+
 def built_by_hand(seeds, kappas=(5.0, 10.0)):
     """On each seed's evaluation batch of the overlap data: two layers of parameter-free cosine attention on the
     best per-token view (experiments/constructed.py), layer 2's F~ against its oracle and its Bayes oracle, and
@@ -276,8 +308,8 @@ def built_by_hand(seeds, kappas=(5.0, 10.0)):
 
 def main(argv=None):
     args = own_flags(argv, *FLAGS, rest=False)[0]
-    for name in ("depth", "steps", "batch_size"):
-        if getattr(args, name) < 1:
+    for name in ("depth", "steps", "batch_size", "lr_scale"):
+        if getattr(args, name) <= 0:
             print(
                 f"learned.py: error: --{name.replace('_', '-')} {getattr(args, name)}: must be positive",
                 file=sys.stderr,
@@ -285,9 +317,10 @@ def main(argv=None):
             raise SystemExit(2)
     overlap = args.data == "overlap"
     if args.table:
-        return table(args.seeds, args.out_dir or f"experiments/results/{'overlap' if overlap else 'learned'}", overlap)
+        name = "overlap" if overlap else "sgd_lr" if args.sweep else "learned"
+        return table(args.seeds, args.out_dir or f"experiments/results/{name}", overlap, args.sweep)
     flags = (args.head, args.opt, args.depth, args.nuisance, args.steps, args.batch_size, args.backbone, args.seed)
-    r = train_one(*flags, overlap=overlap)
+    r = train_one(*flags, overlap=overlap, lr_scale=args.lr_scale)
     print(show(r))
     return r
 

@@ -11,9 +11,16 @@ own flags; an arm marked "ablation" runs through experiments/ablations.py. Every
 experiments/fusion.py's monitor (the backbone control per monitor epoch) and is also evaluated with the
 authors' protocol (experiments/authors_eval.py). Writes <out-dir>/<table>/table.md,
 runs.json, epochs.md (every run's monitor epochs) and one run folder per arm and seed.
+
+A run identical to a finished run of another table in <out-dir> (the same runner, resolved configuration and
+ablation flags) is not trained again: its folder is copied, and its provenance says from where. A finished run
+made before the token control existed gets it from its checkpoint, on the same labelled batch.
 """
 
+import argparse
+import dataclasses
 import json
+import shutil
 import statistics
 import subprocess
 import sys
@@ -40,12 +47,19 @@ RANDOM_F = "--freeze-backbone random"  # f stays its initialisation; the head tr
 MLP_F = f"--freeze-backbone {{folder}}/{slug(MLP[0])}-seed{{seed}}/checkpoint.pt"  # the same seed's MLP run
 MINIMAL = f"{AUTHORS} --head-dim 64 --head-heads 4 --head-depth 4 --head-out 64 --mask-partner --tau 0.5 {LONG}"
 MINIMAL += " --head-opt adamw --head-lr 1e-3 --head-wd 1e-4"  # experiments/learned.py's head and AdamW, 1,500 steps
+MLP_LONG = ("SimCLR MLP head, 100 epochs", f"--head ffn {LONG}", "core")
 TABLES = {
     "heads": [
         ("SimCLR MLP head", "--head ffn", "core"),
         ("Transformer head, defaults (the authors')", AUTHORS, "core"),
         ("tied W^Q = W^K, learnable scale from 4, partner masked", TIED, "core"),
         ("uniform attention (the batch mean)", "--attn uniform", "ablation"),
+        ("identity attention (no mixing: a per-token head)", "--attn identity", "ablation"),
+        (
+            "10-layer MLP of the head's width (the authors' baseline)",
+            "--head ffn --head-depth 10 --head-dim 256",
+            "core",
+        ),
     ],
     "head_wd": [MLP]
     + [
@@ -77,7 +91,7 @@ TABLES = {
         )
     ],
     "length": [
-        ("SimCLR MLP head, 100 epochs", f"--head ffn {LONG}", "core"),
+        MLP_LONG,
         ("tied head, tau 0.2, 100 epochs", f"{TIED} --tau 0.2 {LONG}", "core"),
         ("authors' head, 100 epochs", f"{AUTHORS} {LONG}", "core"),
     ],
@@ -88,7 +102,7 @@ TABLES = {
         ("authors' head, its own AdamW, the MLP run's backbone frozen", f"{AUTHORS} {ADAMW} {MLP_F}", "ablation"),
         ("learned.py's head and AdamW, 1,500 steps, the MLP run's backbone frozen", f"{MINIMAL} {MLP_F}", "ablation"),
     ],
-    "learned_long": [("authors' head, its own AdamW, 100 epochs", f"{AUTHORS} {ADAMW} {LONG}", "ablation")],
+    "learned_long": [MLP_LONG, ("authors' head, its own AdamW, 100 epochs", f"{AUTHORS} {ADAMW} {LONG}", "ablation")],
     "depth": [MLP]
     + [
         (f"{name}, {L} block{'s' * (L > 1)}", f"{flags} --head-depth {L}", "core")
@@ -115,19 +129,77 @@ def run_folder(folder, arm, seed):
     return folder / f"{slug(arm)}-seed{seed}"
 
 
+def identity(runner, config, ablation):
+    """What makes two runs the same run: the runner, the resolved configuration but for where it writes, and the
+    ablation flags (those of ablations.py; none for a core run)."""
+    config = {k: v for k, v in config.items() if k not in ("out_dir", "run_name", "resume")}
+    return json.dumps([runner, config, ablation if runner == "ablation" else {}], sort_keys=True)
+
+
+def identity_of_argv(argv, runner):
+    """A run's identity before it runs, from its argv."""
+    own, rest = own_flags(argv, *ablations.FLAGS) if runner == "ablation" else (None, argv)
+    cfg = df.resolve(df.Config(**df.parse_flags(rest)))
+    return identity(runner, dataclasses.asdict(cfg), vars(own) if own else {})
+
+
+def identity_of_folder(run_dir):
+    """A finished run's identity, from the config.json and ablation.json it wrote."""
+    ablation = run_dir / "ablation.json"
+    runner, flags = ("ablation", json.loads(ablation.read_text())) if ablation.exists() else ("core", {})
+    return identity(runner, json.loads((run_dir / "config.json").read_text()), flags)
+
+
+def same_run(folder, argv, runner):
+    """A finished run of another table under folder's parent that is this run, or None."""
+    want = identity_of_argv(argv, runner)
+    for other in sorted(folder.parent.glob("*/*/results.json")):
+        if other.parent.parent != folder and identity_of_folder(other.parent) == want:
+            return other.parent
+    return None
+
+
+def token_control(run_dir, results):
+    """The token control of a finished run that has none: its checkpoint's f and g, the same labelled batch (the
+    entropies must come out as recorded, or the maps are not the run's), fusion.attention_report."""
+    cfg = df.Config(**json.loads((run_dir / "config.json").read_text()))
+    ablation = run_dir / "ablation.json"
+    build = (
+        ablations.ablated_build(argparse.Namespace(**json.loads(ablation.read_text())))
+        if ablation.exists()
+        else df.build
+    )
+    data, device = df.load_dataset(cfg), torch.device("cpu")
+    f, g = build(cfg, data[0].shape[-1], device)[:2]
+    ckpt = torch.load(run_dir / "checkpoint.pt", map_location=device, weights_only=True)
+    f.load_state_dict(ckpt["f"])
+    g.load_state_dict(ckpt["g"])
+    with torch.no_grad():
+        report = fusion.attention_report(cfg, f, g, data, device)
+    drift = max(abs(a - b) for a, b in zip(report["entropy"], results["entropy"]))
+    assert drift < 1e-3, f"{run_dir}: the checkpoint's maps are not the recorded ones (entropy off by {drift:.2g})"
+    results = results | {"token_control_norm": report["token_control_norm"]}
+    (run_dir / "results.json").write_text(json.dumps(results, indent=2))
+    return results
+
+
 def run_arm(folder, arm, flags, runner, seed, common):
     """One run of the table, or its results if it finished before; None if the program stopped it."""
     run_dir = run_folder(folder, arm, seed)
+    argv = [*common, *flags.format(folder=folder, seed=seed).split(), "--seed", str(seed)]
+    if not (run_dir / "results.json").exists() and (twin := same_run(folder, argv, runner)):
+        print(f"== {arm}, seed {seed}: the same run as {twin}; copied", flush=True)
+        shutil.copytree(twin, run_dir)
+        meta = json.loads((twin / "provenance.json").read_text()) if (twin / "provenance.json").exists() else {}
+        (run_dir / "provenance.json").write_text(json.dumps(meta | {"copied_from": str(twin)}))
     if (run_dir / "results.json").exists():
         meta = run_dir / "provenance.json"  # runs made before table.py recorded it have none
         meta = {"provenance": json.loads(meta.read_text())} if meta.exists() else {}
-        return (
-            json.loads((run_dir / "results.json").read_text())
-            | json.loads((run_dir / "authors_1nn.json").read_text())
-            | meta
-        )
-    flags = flags.format(folder=folder, seed=seed)  # an arm may name another run's folder
-    argv = [*common, *flags.split(), "--seed", str(seed), "--out-dir", str(folder), "--run-name", run_dir.name]
+        results = json.loads((run_dir / "results.json").read_text())
+        if "entropy" in results and "token_control_norm" not in results and (run_dir / "checkpoint.pt").exists():
+            results = token_control(run_dir, results)
+        return results | json.loads((run_dir / "authors_1nn.json").read_text()) | meta
+    argv += ["--out-dir", str(folder), "--run-name", run_dir.name]  # flags may name another run's folder
     print(f"== {arm}, seed {seed}: {' '.join(argv)}", flush=True)
     meta = provenance()
     try:
@@ -162,6 +234,13 @@ COLUMNS = [  # header, how to read one run, scale, digits
     ("normalised fusion F~, max layer", lambda r: max(r["fusion_norm"]) if "fusion_norm" in r else None, 1, 3),
     ("F~, last layer", lambda r: r["fusion_norm"][-1] if "fusion_norm" in r else None, 1, 3),
     ("backbone control, last layer", lambda r: r["control_norm"][-1] if "control_norm" in r else None, 1, 3),
+    ("token control, last layer", lambda r: r.get("token_control_norm", [None])[-1], 1, 3),
+    (
+        "largest head's F~, any layer",
+        lambda r: max(map(max, r["fusion_norm_per_head"])) if "entropy" in r else None,
+        1,
+        3,
+    ),
     ("self mass, max layer", lambda r: max(r["self_mass"]) if "self_mass" in r else None, 1, 3),
     ("partner mass, max layer", lambda r: max(r["partner_mass"]) if "partner_mass" in r else None, 1, 3),
     ("entropy, last layer (nats)", lambda r: r["entropy"][-1] if "entropy" in r else None, 1, 2),
@@ -191,12 +270,15 @@ def epochs_table(folder, runs):
 
 
 def by_layer(runs):
-    """Markdown: per arm with attention, F~, its backbone control and the entropy at every layer, mean over seeds."""
-    lines = ["| arm | F~ by layer | backbone control by layer | entropy by layer (nats) |", "|" + " --- |" * 4]
+    """Markdown: per arm with attention, F~, its backbone and token controls and the entropy at every layer, mean
+    over seeds."""
+    lines = ["| arm | F~ by layer | backbone control by layer | token control by layer | entropy by layer (nats) |"]
+    lines.append("|" + " --- |" * 5)
     for arm in dict.fromkeys(r["arm"] for r in runs if r["results"] and "fusion_norm" in r["results"]):
         done = [r["results"] for r in runs if r["arm"] == arm and r["results"]]
-        cells = [" ".join(f"{statistics.mean(v):.{d}f}" for v in zip(*(r[key] for r in done))) for key, d in
-                 (("fusion_norm", 3), ("control_norm", 3), ("entropy", 2))]  # fmt: skip
+        keys = (("fusion_norm", 3), ("control_norm", 3), ("token_control_norm", 3), ("entropy", 2))
+        cells = [" ".join(f"{statistics.mean(v):.{d}f}" for v in zip(*(r[key] for r in done)))
+                 if all(key in r for r in done) else "—" for key, d in keys]  # fmt: skip
         lines.append(f"| {arm} | " + " | ".join(cells) + " |")
     return [] if len(lines) == 2 else ["Every layer, first to last, mean over the seeds that finished:", "", *lines, ""]
 
@@ -228,11 +310,12 @@ def paired(runs, reference):
                 diffs = [by[arm, s][key] - by[reference, s][key] for s in seeds]
                 lines.append(row(f"{arm} minus {reference}: {name}", diffs, 100, 1))
         done = [by[arm, s] for (a, s), res in by.items() if a == arm and res and "control_norm" in res]
-        if done:
-            last = [r["fusion_norm"][-1] - r["control_norm"][-1] for r in done]
-            gaps = [max(zip(r["fusion_norm"], r["control_norm"]), key=lambda fc: fc[0] - fc[1]) for r in done]
-            lines.append(row(f"{arm}: F~ minus its control, last layer", last, 1, 3))
-            lines.append(row(f"{arm}: F~ minus its control, largest layer", [f - c for f, c in gaps], 1, 3))
+        for key, name in (("control_norm", "backbone control"), ("token_control_norm", "token control")):
+            if done and all(key in r for r in done):
+                last = [r["fusion_norm"][-1] - r[key][-1] for r in done]
+                gaps = [max(f - c for f, c in zip(r["fusion_norm"], r[key])) for r in done]
+                lines.append(row(f"{arm}: F~ minus its {name}, last layer", last, 1, 3))
+                lines.append(row(f"{arm}: F~ minus its {name}, largest layer", gaps, 1, 3))
     lines = [line for line in lines if line]
     return [] if len(lines) == 2 else ["Paired differences (signs: seeds above and below 0):", "", *lines, ""]
 
@@ -264,6 +347,7 @@ def make_table(name, seeds, out_dir, common):
     table.append(f"{spread}; chance of F~: {chance:.3f}." if chance else f"{spread}.")
     table += ["", "```bash", command, "```", "", *by_layer(runs)]
     mlps = [arm for arm, flags, _ in TABLES[name] if flags.split()[:2] == ["--head", "ffn"]]
+    mlps = [arm for arm, flags, _ in TABLES[name] if flags == "--head ffn"] if len(mlps) > 1 else mlps
     table += paired(runs, mlps[0] if len(mlps) == 1 else None)  # batch: an MLP per N, no one reference
     metas = {json.dumps(r["results"]["provenance"]) for r in runs if r["results"] and "provenance" in r["results"]}
     table += [f"Ran at: {'; '.join(sorted(metas))}.", ""] if metas else []
