@@ -283,11 +283,15 @@ def by_layer(runs):
     return [] if len(lines) == 2 else ["Every layer, first to last, mean over the seeds that finished:", "", *lines, ""]
 
 
+T975 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26}  # Student's t, 97.5%
+
+
 def paired(runs, reference):
     """Markdown: the paired reading. Arms at one seed share the backbone's initialisation, the data order and the
     augmentations, and a head and its control share the batch: per seed, each arm minus the reference arm (kNN,
     linear) and each head's F~ minus its backbone control (last layer, and the layer where the difference is
-    largest); then mean ± sd, the signs, and the effect size d = mean / sd of the differences."""
+    largest); then mean ± sd, the signs, the effect size d = mean / sd of the differences, and the half-width of
+    their 95% confidence interval (t with n - 1 degrees of freedom): the smallest mean difference these seeds detect."""
     by = {(r["arm"], r["seed"]): r["results"] for r in runs}
 
     def row(label, diffs, scale, digits):
@@ -297,12 +301,13 @@ def paired(runs, reference):
         signs = f"{sum(d > 0 for d in diffs)}+ {sum(d < 0 for d in diffs)}-"
         each = " ".join(f"{d:+.{digits}f}" for d in diffs)
         if len(diffs) < 2:
-            return f"| {label} | {each} | — | {signs} | — |"
+            return f"| {label} | {each} | — | {signs} | — | — |"
         mean, sd = statistics.mean(diffs), statistics.stdev(diffs)
-        d = f"{mean / sd:+.1f}" if sd > 0 else "—"
-        return f"| {label} | {each} | {mean:+.{digits}f} ± {sd:.{digits}f} | {signs} | {d} |"
+        d = f"{mean / sd:+.1f}" if sd > 0.5 * 10**-digits else "—"  # a spread below the rounding: no effect size
+        ci = T975[len(diffs) - 1] * sd / len(diffs) ** 0.5
+        return f"| {label} | {each} | {mean:+.{digits}f} ± {sd:.{digits}f} | {signs} | {d} | {ci:.{digits}f} |"
 
-    lines = ["| pair | per seed | mean ± sd | signs | d |", "|" + " --- |" * 5]
+    lines = ["| pair | per seed | mean ± sd | signs | d | 95% CI half-width |", "|" + " --- |" * 6]
     for arm in dict.fromkeys(r["arm"] for r in runs):
         seeds = [s for (a, s), res in by.items() if a == arm and res and by.get((reference, s))]  # both finished
         for key, name in (("knn_acc", "kNN %"), ("linear_acc", "linear %")):
