@@ -10,6 +10,7 @@ import math
 import os
 import re
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -1537,7 +1538,7 @@ def test_table_runs_arms_by_seeds_writes_markdown_and_json_and_skips_finished_ru
     assert [(r["arm"], r["seed"]) for r in runs] == [("MLP", 0), ("MLP", 1), ("uniform", 0), ("uniform", 1)]
     assert runs[0]["results"]["knn_acc"] != runs[1]["results"]["knn_acc"]  # two seeds, two runs
     md = (tmp_path / "tiny" / "table.md").read_text()
-    table_md, layers_md = md.split("Every layer")
+    table_md, layers_md = md.split("Summary, read as pairs")[0], md.split("Every layer")[1]
     rows = [line for line in table_md.splitlines() if line.startswith("| MLP") or line.startswith("| uniform")]
     assert len(rows) == 2 and " ± " in rows[0] and "python experiments/table.py tiny --seeds 0 1" in md
     assert "| uniform | 0.073 0.073 | " in layers_md and "| MLP" not in layers_md  # 2 layers; the MLP has none
@@ -1556,6 +1557,18 @@ def test_table_runs_arms_by_seeds_writes_markdown_and_json_and_skips_finished_ru
     assert "| uniform: F~ minus its backbone control, last layer |" in paired and "| MLP: F~" not in paired
     assert "| uniform: F~ minus its token control, last layer |" in paired
     assert f"Ran at: {json.dumps(meta)}" in md
+    capsys.readouterr()
+    table.main(["tiny", "--summary", "--out-dir", str(tmp_path)])  # from runs.json alone, as a reader checks it
+    printed = capsys.readouterr().out
+    assert (
+        printed.strip() in md
+        and f"| uniform | {100 * statistics.mean(r['results']['knn_acc'] for r in runs[2:]):.1f} ± " in printed
+    )
+    ci = table.T975[1] * statistics.stdev(100 * d for d in knn_gap) / 2**0.5
+    assert (
+        f"{100 * statistics.mean(knn_gap):+.1f} ± {100 * statistics.stdev(knn_gap):.1f} (" in printed
+        and f"CI ±{ci:.1f})" in printed
+    )
     epochs = [row.strip("| ").split(" | ") for row in (tmp_path / "tiny" / "epochs.md").read_text().splitlines()[2:]]
     assert [(seed, epoch) for _, seed, epoch, *_ in epochs] == [(s, e) for s in "0101" for e in "01"]  # init, end
     assert epochs[-1][3] == f"{100 * runs[-1]['results']['knn_acc']:.1f}" and epochs[-1][5] != "—"

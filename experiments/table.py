@@ -325,6 +325,49 @@ def paired(runs, reference):
     return [] if len(lines) == 2 else ["Paired differences (signs: seeds above and below 0):", "", *lines, ""]
 
 
+def summary(runs, reference):
+    """Markdown, a row per arm: kNN and linear (mean ± sd), kNN minus the reference arm per seed (mean ± sd, seeds
+    above and below, the 95% CI half-width), and for a head the last layer's F~, F~ minus its backbone and its token
+    control (mean ± sd, signs), the entropy and the largest single head's F~. Reads runs.json's records alone."""
+    by = {(r["arm"], r["seed"]): r["results"] for r in runs}
+
+    def diff(values, digits):
+        if not values:
+            return "—"
+        signs = f"{sum(v > 0 for v in values)}+ {sum(v < 0 for v in values)}-"
+        if len(values) == 1:
+            return f"{values[0]:+.{digits}f} ({signs})"
+        sd, ci = statistics.stdev(values), T975[len(values) - 1] * statistics.stdev(values) / len(values) ** 0.5
+        return f"{statistics.mean(values):+.{digits}f} ± {sd:.{digits}f} ({signs}; CI ±{ci:.{digits}f})"
+
+    head = "| arm | kNN % | linear % | kNN minus the MLP, paired | F~, last layer | F~ minus backbone control, last"
+    lines = [head + " | F~ minus token control, last | entropy, last | largest head's F~ |", "|" + " --- |" * 9]
+    for arm in dict.fromkeys(r["arm"] for r in runs):
+        done = {s: res for (a, s), res in by.items() if a == arm and res}
+        cells = [
+            mean_std([r["knn_acc"] for r in done.values()], 100),
+            mean_std([r["linear_acc"] for r in done.values()], 100),
+        ]
+        ref = [100 * (done[s]["knn_acc"] - by[reference, s]["knn_acc"]) for s in done if by.get((reference, s))]
+        cells.append(diff(ref, 1) if reference and arm != reference else "—")
+        heads = [r for r in done.values() if "entropy" in r]
+        cells.append(mean_std([r["fusion_norm"][-1] for r in heads], 1, 3))
+        for key in ("control_norm", "token_control_norm"):
+            cells.append(diff([r["fusion_norm"][-1] - r[key][-1] for r in heads if key in r], 3))
+        cells.append(mean_std([r["entropy"][-1] for r in heads], 1, 2))
+        cells.append(mean_std([max(map(max, r["fusion_norm_per_head"])) for r in heads], 1, 3))
+        lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def reference(name):
+    """The table's MLP arm that every other arm is paired with: its one `--head ffn` arm, or with several (heads
+    also has the 10-layer MLP) the one of exactly `--head ffn`; None where there is none (batch: an MLP per N)."""
+    mlps = [arm for arm, flags, _ in TABLES[name] if flags.split()[:2] == ["--head", "ffn"]]
+    mlps = [arm for arm, flags, _ in TABLES[name] if flags == "--head ffn"] if len(mlps) > 1 else mlps
+    return mlps[0] if len(mlps) == 1 else None
+
+
 def make_table(name, seeds, out_dir, common):
     folder = Path(out_dir) / name
     folder.mkdir(parents=True, exist_ok=True)
@@ -350,10 +393,11 @@ def make_table(name, seeds, out_dir, common):
     spread = f"Mean ± sample standard deviation over seeds {', '.join(map(str, seeds))}"
     spread = spread if len(seeds) > 1 else f"One seed ({seeds[0]}): single runs, no spread"
     table.append(f"{spread}; chance of F~: {chance:.3f}." if chance else f"{spread}.")
-    table += ["", "```bash", command, "```", "", *by_layer(runs)]
-    mlps = [arm for arm, flags, _ in TABLES[name] if flags.split()[:2] == ["--head", "ffn"]]
-    mlps = [arm for arm, flags, _ in TABLES[name] if flags == "--head ffn"] if len(mlps) > 1 else mlps
-    table += paired(runs, mlps[0] if len(mlps) == 1 else None)  # batch: an MLP per N, no one reference
+    table += ["", "```bash", command, "```", ""]
+    table += ["Summary, read as pairs (each arm against the same seed's MLP run; a head against its controls):", ""]
+    table += [*summary(runs, reference(name)), ""]
+    table += by_layer(runs)
+    table += paired(runs, reference(name))
     metas = {json.dumps(r["results"]["provenance"]) for r in runs if r["results"] and "provenance" in r["results"]}
     table += [f"Ran at: {'; '.join(sorted(metas))}.", ""] if metas else []
     (folder / "table.md").write_text("\n".join(table))
@@ -367,6 +411,7 @@ FLAGS = (  # table.py's own; deep_fusion.py's for every run come after `--`
     ("table", dict(help=f"the table's name: {', '.join(sorted(TABLES))}")),
     ("--seeds", dict(type=int, nargs="+", default=[0, 1, 2], help="one run per arm and seed")),
     ("--out-dir", dict(default="tables", help="parent folder of <table>/")),
+    ("--summary", dict(action="store_true", help="print the paired summary from <out-dir>/<table>/runs.json; no run")),
 )
 
 
@@ -377,6 +422,10 @@ def main(argv=None):
     if args.table not in TABLES:
         print(f"table.py: error: no table {args.table!r}; choose from {', '.join(sorted(TABLES))}", file=sys.stderr)
         raise SystemExit(2)
+    if args.summary:
+        runs = json.loads((Path(args.out_dir) / args.table / "runs.json").read_text())
+        print("\n".join(summary(runs, reference(args.table))))
+        return runs
     return make_table(args.table, args.seeds, args.out_dir, common)
 
 
