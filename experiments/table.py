@@ -216,6 +216,15 @@ def run_arm(folder, arm, flags, runner, seed, common):
     )
 
 
+def shown(results):
+    """A run's results as the tables read them: where the head's rows put no mass outside self and partner
+    (identity attention: entropy 0 there), F~, its controls and the entropy are undefined and left out."""
+    if not results or max(results.get("entropy", [1.0])) > 0:
+        return results
+    undefined = "fusion fusion_norm control_norm control_beta token_control_norm entropy fusion_norm_per_head".split()
+    return {k: v for k, v in results.items() if k not in undefined}
+
+
 def mean_std(values, scale=1.0, digits=1):
     """'mean ± std' over seeds (sample std), or the one value; '—' when there is none."""
     values = [v * scale for v in values if v is not None]
@@ -274,8 +283,8 @@ def by_layer(runs):
     over seeds."""
     lines = ["| arm | F~ by layer | backbone control by layer | token control by layer | entropy by layer (nats) |"]
     lines.append("|" + " --- |" * 5)
-    for arm in dict.fromkeys(r["arm"] for r in runs if r["results"] and "fusion_norm" in r["results"]):
-        done = [r["results"] for r in runs if r["arm"] == arm and r["results"]]
+    for arm in dict.fromkeys(r["arm"] for r in runs if "fusion_norm" in shown(r["results"])):
+        done = [shown(r["results"]) for r in runs if r["arm"] == arm and r["results"]]
         keys = (("fusion_norm", 3), ("control_norm", 3), ("token_control_norm", 3), ("entropy", 2))
         cells = [" ".join(f"{statistics.mean(v):.{d}f}" for v in zip(*(r[key] for r in done)))
                  if all(key in r for r in done) else "—" for key, d in keys]  # fmt: skip
@@ -292,7 +301,7 @@ def paired(runs, reference):
     linear) and each head's F~ minus its backbone control (last layer, and the layer where the difference is
     largest); then mean ± sd, the signs, the effect size d = mean / sd of the differences, and the half-width of
     their 95% confidence interval (t with n - 1 degrees of freedom): the smallest mean difference these seeds detect."""
-    by = {(r["arm"], r["seed"]): r["results"] for r in runs}
+    by = {(r["arm"], r["seed"]): shown(r["results"]) for r in runs}
 
     def row(label, diffs, scale, digits):
         diffs = [d * scale for d in diffs]
@@ -329,7 +338,7 @@ def summary(runs, reference):
     """Markdown, a row per arm: kNN and linear (mean ± sd), kNN minus the reference arm per seed (mean ± sd, seeds
     above and below, the 95% CI half-width), and for a head the last layer's F~, F~ minus its backbone and its token
     control (mean ± sd, signs), the entropy and the largest single head's F~. Reads runs.json's records alone."""
-    by = {(r["arm"], r["seed"]): r["results"] for r in runs}
+    by = {(r["arm"], r["seed"]): shown(r["results"]) for r in runs}
 
     def diff(values, digits):
         if not values:
@@ -377,7 +386,7 @@ def make_table(name, seeds, out_dir, common):
         runs += [
             {"arm": arm, "flags": flags, "runner": runner, "seed": s, "results": r} for s, r in zip(seeds, results)
         ]
-        done = [r for r in results if r is not None]
+        done = [shown(r) for r in results if r is not None]
         cells = [mean_std([read(r) for r in done], scale, digits) for _, read, scale, digits in COLUMNS]
         stopped = f" ({len(results) - len(done)} of {len(results)} stopped)" if len(done) < len(results) else ""
         lines.append(f"| {arm}{stopped} | `{flags}` | " + " | ".join(cells) + " |")
