@@ -238,6 +238,9 @@ def table(seeds, out_dir, overlap=False, sweep=False):
     if overlap:  # the per-token reference no attention beats in expectation (experiments/constructed.py)
         by_layer[0] += " Bayes oracle by layer | F~ minus the Bayes oracle by layer (seeds above it) |"
         by_layer[1] += " --- | --- |"
+    if any(r["backbone"] for r in done):  # a backbone's rows: against the control on its output h
+        by_layer[0] += " F~ minus the control on h by layer (seeds above it) |"
+        by_layer[1] += " --- |"
     tokens = any("control_tokens" in r for r in done)  # runs made since the token control existed
     if tokens:
         by_layer[0] += " token control by layer | F~ minus the token control by layer (seeds above it) |"
@@ -260,6 +263,8 @@ def table(seeds, out_dir, overlap=False, sweep=False):
             bayes = [bayes_oracle(r) for r in runs]
             gap = above([r | {"bayes": o} for r, o in zip(runs, bayes)], "bayes")
             by_layer[-1] += f" {row([statistics.mean(v) for v in zip(*bayes)])} | {gap} |"
+        if any(r["backbone"] for r in done):
+            by_layer[-1] += f" {above(runs, 'control_h') if backbone else '—'} |"
         if tokens:
             have = [r for r in runs if "control_tokens" in r]
             cell = f"{row(mean('control_tokens', have))} | {above(have, 'control_tokens')}" if have else "— | —"
