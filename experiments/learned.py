@@ -280,8 +280,9 @@ def table(seeds, out_dir, overlap=False, sweep=False):
     lines += ["\nEvery layer, mean over the seeds; in brackets, the seeds whose F~ is above the oracle's.\n", *by_layer]
     if overlap:
         lines += ["", *built_by_hand(seeds)]
+    which = "--data overlap " if overlap else "--sweep " if sweep else ""
     lines.append(
-        f"\n```bash\npython experiments/learned.py --table {'--data overlap ' if overlap else ''}--seeds"
+        f"\n```bash\npython experiments/learned.py --table {which}--seeds"
         f" {' '.join(map(str, seeds))} --out-dir {out_dir}\n```"
     )
     (folder / "table.md").write_text("\n".join(lines) + "\n")
