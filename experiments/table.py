@@ -14,7 +14,8 @@ runs.json, epochs.md (every run's monitor epochs) and one run folder per arm and
 
 A run identical to a finished run of another table in <out-dir> (the same runner, resolved configuration and
 ablation flags) is not trained again: its folder is copied, and its provenance says from where. A finished run
-made before the token control existed gets it from its checkpoint, on the same labelled batch.
+made before the token control existed gets it from its checkpoint, on the same labelled batch. A run the program
+stopped (collapse or NaN: exit 1) leaves stopped.json and is not tried again.
 """
 
 import argparse
@@ -192,6 +193,8 @@ def run_arm(folder, arm, flags, runner, seed, common):
         shutil.copytree(twin, run_dir)
         meta = json.loads((twin / "provenance.json").read_text()) if (twin / "provenance.json").exists() else {}
         (run_dir / "provenance.json").write_text(json.dumps(meta | {"copied_from": str(twin)}))
+    if (run_dir / "stopped.json").exists():  # the program stopped it before: so it would again
+        return None
     if (run_dir / "results.json").exists():
         meta = run_dir / "provenance.json"  # runs made before table.py recorded it have none
         meta = {"provenance": json.loads(meta.read_text())} if meta.exists() else {}
@@ -209,6 +212,8 @@ def run_arm(folder, arm, flags, runner, seed, common):
             df.main(argv, job=lambda cfg, ckpt: df.run(cfg, ckpt, monitor=fusion.evaluate))
     except SystemExit as e:  # a collapse or NaN stop: recorded, the table goes on
         print(f"== stopped (exit {e.code}); recorded as such", flush=True)
+        if e.code == 1 and run_dir.is_dir():  # a training stop (collapse, NaN), not a flag error: it would repeat
+            (run_dir / "stopped.json").write_text(json.dumps(meta | {"exit": e.code}))
         return None
     (run_dir / "provenance.json").write_text(json.dumps(meta))
     return (
@@ -283,7 +288,7 @@ def by_layer(runs):
     over seeds."""
     lines = ["| arm | F~ by layer | backbone control by layer | token control by layer | entropy by layer (nats) |"]
     lines.append("|" + " --- |" * 5)
-    for arm in dict.fromkeys(r["arm"] for r in runs if "fusion_norm" in shown(r["results"])):
+    for arm in dict.fromkeys(r["arm"] for r in runs if "fusion_norm" in (shown(r["results"]) or {})):
         done = [shown(r["results"]) for r in runs if r["arm"] == arm and r["results"]]
         keys = (("fusion_norm", 3), ("control_norm", 3), ("token_control_norm", 3), ("entropy", 2))
         cells = [" ".join(f"{statistics.mean(v):.{d}f}" for v in zip(*(r[key] for r in done)))
