@@ -1589,15 +1589,31 @@ def test_table_runs_arms_by_seeds_writes_markdown_and_json_and_skips_finished_ru
     assert again["results"]["provenance"]["copied_from"] == str(tmp_path / "tiny" / "mlp-seed1")
     assert table.same_run(tmp_path / "tiny2", [*TINY, "--epochs", "1", "--head", "ffn", "--seed", "2"], "core") is None
 
+    # a run the program stops (collapse, NaN: exit 1) is recorded and not trained again
+    def stops(argv, job=None):
+        Path(argv[argv.index("--out-dir") + 1], argv[argv.index("--run-name") + 1]).mkdir(parents=True)
+        raise SystemExit(1)
+
+    monkeypatch.setitem(table.TABLES, "tiny3", [("stops", "--head ffn --lr 9", "core")])
+    monkeypatch.setattr(df, "main", stops)
+    argv3 = ["tiny3", "--seeds", "0", "--out-dir", str(tmp_path), "--", *TINY]
+    assert table.main(argv3)[0]["results"] is None and (tmp_path / "tiny3" / "stops-seed0" / "stopped.json").exists()
+    monkeypatch.setattr(df, "main", lambda *a, **k: pytest.fail("a stopped run ran again"))
+    assert (
+        table.main(argv3)[0]["results"] is None and "(1 of 1 stopped)" in (tmp_path / "tiny3" / "table.md").read_text()
+    )
+
 
 # ---- The documentation: every command it shows runs, every name it gives exists --------
 
 DOCS = ["README.md", "experiments/README.md", "tutorial.ipynb"]
 RUN_FILES = set("config.json metrics.jsonl results.json checkpoint.pt attention.pt attention.png ablation.json".split())
 RUN_FILES |= set("authors_1nn.json table.md runs.json epochs.md benchmark-cpu.json val_annotations.txt".split())
+RUN_FILES |= {"provenance.json", "stopped.json"}  # table.py's, in each run folder
 RUN_KEYS = set("epoch loss lr time_s knn_acc linear_acc fusion fusion_norm fusion_chance fusion_norm_chance".split())
 RUN_KEYS |= set("self_mass partner_mass entropy control_norm control_beta fusion_norm_per_head knn_acc_init".split())
 RUN_KEYS |= set("device train_time_s attn labels pair h head_1nn_acc backbone_1nn_acc".split())
+RUN_KEYS |= set("token_control_norm control_tokens lr_scale copied_from knn_acc_init".split())
 
 
 def doc_texts():
