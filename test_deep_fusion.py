@@ -1779,7 +1779,7 @@ def test_the_oracle_control_projects_the_nuisance_out_and_fills_old_runs_exactly
 def test_the_committed_grid_is_measured_on_batches_its_seeds_regenerate():
     """The oracle values of the committed runs were filled in from each seed's regenerated evaluation batch: that
     batch reproduces every run's recorded control on x (to float rounding), and every run has its oracle."""
-    runs = json.loads((ROOT / "experiments/results/learned/runs.json").read_text())
+    runs = json.loads((ROOT / "experiments/results/minimal/runs.json").read_text())
     assert len(runs) == 150 and all(len(r["oracle_x"]) == len(r["fusion_norm"]) for r in runs)
     for r in [r for r in runs if r["depth"] == 1 and r["opt"] == "sgd" and r["head"] == "authors"]:  # 9 runs, 3 seeds
         x, labels, pair = learned.eval_batch(r["seed"], r["nuisance"])

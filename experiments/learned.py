@@ -2,7 +2,7 @@
 attention becomes class-aligned layer by layer, beyond what the inputs' own neighbourhoods give.
 
   python experiments/learned.py --opt adamw --head tied --depth 4 --nuisance 3 --seed 0
-  python experiments/learned.py --table --seeds 0 1 2   # resumes experiments/results/learned/runs.json
+  python experiments/learned.py --table --seeds 0 1 2   # resumes experiments/results/minimal/runs.json
   python experiments/learned.py --table --data overlap  # experiments/results/overlap: classes that overlap per token
   python experiments/learned.py --table --sweep         # experiments/results/sgd_lr: the SGD learning rate x5, x20
 
@@ -47,7 +47,7 @@ FLAGS = (
                     " overlapping token by token (means SEP u_k, unit noise in every dimension outside the nuisance)")),
     ("--sweep", dict(action="store_true", help="with --table: the authors' head at nuisance 3, SGD's lr x5 and x20,"
                      " AdamW beside (experiments/results/sgd_lr)")),
-    ("--out-dir", dict(help="with --table: where runs.json and table.md go (experiments/results/learned or overlap)")),
+    ("--out-dir", dict(help="with --table: where runs.json and table.md go (experiments/results/minimal etc.)")),
 )  # fmt: skip
 K, SUB, DIM, NUIS = 4, 3, 32, 12  # classes, their subspaces' dimension, the ambient one, the nuisance's
 SEP = 3.0  # overlap data: the class means' norm (experiments/constructed.py: the strong form shows from 2 on)
@@ -323,7 +323,7 @@ def main(argv=None):
             raise SystemExit(2)
     overlap = args.data == "overlap"
     if args.table:
-        name = "overlap" if overlap else "sgd_lr" if args.sweep else "learned"
+        name = "overlap" if overlap else "sgd_lr" if args.sweep else "minimal"
         return table(args.seeds, args.out_dir or f"experiments/results/{name}", overlap, args.sweep)
     flags = (args.head, args.opt, args.depth, args.nuisance, args.steps, args.batch_size, args.backbone, args.seed)
     r = train_one(*flags, overlap=overlap, lr_scale=args.lr_scale)
