@@ -5,8 +5,10 @@
   authors_eval.py  the authors' transductive head-output 1-NN on finished runs
   table.py         a named results table: arms x seeds, one run after the other, into Markdown + JSON
   figure.py        a run's attention, labelled: token maps by class and class-to-class matrices
-  fusion.py        the backbone control, row entropy, class-to-class matrices, per-head scores (a monitor)
+  fusion.py        the backbone and token controls, row entropy, class-to-class matrices, per-head scores
   theory.py        the objects of the two theorems (the notebook's sections 3 and 4), for the notebook and tests
+  learned.py       the minimal setting: the head alone on generated subspace data; its grid, the SGD sweep
+  constructed.py   Deep Fusion's strong form built by hand, against the cosine and the Bayes oracle
 
 Run each from the project root, e.g. `python experiments/benchmark.py --device cpu`. benchmark.py and
 ablations.py take deep_fusion.py's flags and add their own; authors_eval.py and figure.py take run folders;
