@@ -1524,6 +1524,30 @@ def test_every_table_names_its_arms_distinctly():  # a run folder is named after
         assert all(runner in ("core", "ablation") for *_, runner in arms)
 
 
+def test_each_arm_is_paired_with_the_mlp_of_its_own_setting():
+    refs = table.reference("batch")  # an MLP per batch size: a head at N = 64 against the MLP at N = 64
+    assert refs["authors' head, N = 64"] == "SimCLR MLP head, N = 64" and refs["tied head, N = 512"].endswith("512")
+    assert refs["SimCLR MLP head, N = 64"] is None  # the MLPs are the references, not arms against one
+    heads = table.reference("heads")  # two MLP arms: the 10-layer one is an arm against SimCLR's
+    mlp = next(arm for arm, flags, _ in table.TABLES["heads"] if flags == "--head ffn")
+    assert heads[mlp] is None and {ref for arm, ref in heads.items() if arm != mlp} == {mlp}
+    runs = [  # two seeds of two N: the pairs are N-wise, so the per-seed differences are the N-wise ones
+        {"arm": arm, "seed": s, "results": {"knn_acc": acc, "linear_acc": acc}}
+        for arm, accs in (
+            ("SimCLR MLP head, N = 64", (0.50, 0.40)),
+            ("SimCLR MLP head, N = 512", (0.30, 0.20)),
+            ("authors' head, N = 64", (0.52, 0.41)),
+            ("authors' head, N = 512", (0.29, 0.20)),
+        )
+        for s, acc in enumerate(accs)
+    ]
+    rows = "\n".join(table.paired(runs, refs))
+    assert "| authors' head, N = 64 minus SimCLR MLP head, N = 64: kNN % | +2.0 +1.0 | +1.5 ± 0.7 | 2+ 0- |" in rows
+    assert "| authors' head, N = 512 minus SimCLR MLP head, N = 512: kNN % | -1.0 +0.0 | -0.5 ± 0.7 | 0+ 1- |" in rows
+    assert "| SimCLR MLP head, N = 64 minus" not in rows
+    assert table.pairs([1.0], 1) == {"signs": "1+ 0-"} and table.pairs([0.1, 0.1], 1)["d"] == "—"  # no spread
+
+
 def test_table_runs_arms_by_seeds_writes_markdown_and_json_and_skips_finished_runs(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(
         table.TABLES,

@@ -300,9 +300,25 @@ def by_layer(runs):
 T975 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26}  # Student's t, 97.5%
 
 
-def paired(runs, reference):
+def pairs(diffs, digits):
+    """Per-seed differences read as pairs, as text to `digits`: the seeds above and below 0 ("2+ 1-"), and with two
+    or more their mean, sd, effect size d = mean / sd and the half-width of the mean's 95% confidence interval (t
+    with n - 1 degrees of freedom): the smallest mean difference these seeds detect."""
+    out = {"signs": f"{sum(d > 0 for d in diffs)}+ {sum(d < 0 for d in diffs)}-"}
+    if len(diffs) < 2:
+        return out
+    mean, sd = statistics.mean(diffs), statistics.stdev(diffs)
+    return out | {
+        "mean": f"{mean:+.{digits}f}",
+        "sd": f"{sd:.{digits}f}",
+        "d": f"{mean / sd:+.1f}" if sd > 0.5 * 10**-digits else "—",  # a spread below the rounding: no effect size
+        "ci": f"{T975[len(diffs) - 1] * sd / len(diffs) ** 0.5:.{digits}f}",
+    }
+
+
+def paired(runs, references):
     """Markdown: the paired reading. Arms at one seed share the backbone's initialisation, the data order and the
-    augmentations, and a head and its control share the batch: per seed, each arm minus the reference arm (kNN,
+    augmentations, and a head and its control share the batch: per seed, each arm minus its reference arm (kNN,
     linear) and each head's F~ minus its backbone control (last layer, and the layer where the difference is
     largest); then mean ± sd, the signs, the effect size d = mean / sd of the differences, and the half-width of
     their 95% confidence interval (t with n - 1 degrees of freedom): the smallest mean difference these seeds detect."""
@@ -312,22 +328,19 @@ def paired(runs, reference):
         diffs = [d * scale for d in diffs]
         if not diffs:
             return None
-        signs = f"{sum(d > 0 for d in diffs)}+ {sum(d < 0 for d in diffs)}-"
-        each = " ".join(f"{d:+.{digits}f}" for d in diffs)
+        each, p = " ".join(f"{d:+.{digits}f}" for d in diffs), pairs(diffs, digits)
         if len(diffs) < 2:
-            return f"| {label} | {each} | — | {signs} | — | — |"
-        mean, sd = statistics.mean(diffs), statistics.stdev(diffs)
-        d = f"{mean / sd:+.1f}" if sd > 0.5 * 10**-digits else "—"  # a spread below the rounding: no effect size
-        ci = T975[len(diffs) - 1] * sd / len(diffs) ** 0.5
-        return f"| {label} | {each} | {mean:+.{digits}f} ± {sd:.{digits}f} | {signs} | {d} | {ci:.{digits}f} |"
+            return f"| {label} | {each} | — | {p['signs']} | — | — |"
+        return f"| {label} | {each} | {p['mean']} ± {p['sd']} | {p['signs']} | {p['d']} | {p['ci']} |"
 
     lines = ["| pair | per seed | mean ± sd | signs | d | 95% CI half-width |", "|" + " --- |" * 6]
     for arm in dict.fromkeys(r["arm"] for r in runs):
-        seeds = [s for (a, s), res in by.items() if a == arm and res and by.get((reference, s))]  # both finished
+        ref = references.get(arm)
+        seeds = [s for (a, s), res in by.items() if a == arm and res and by.get((ref, s))]  # both finished
         for key, name in (("knn_acc", "kNN %"), ("linear_acc", "linear %")):
-            if reference and arm != reference:
-                diffs = [by[arm, s][key] - by[reference, s][key] for s in seeds]
-                lines.append(row(f"{arm} minus {reference}: {name}", diffs, 100, 1))
+            if ref:
+                diffs = [by[arm, s][key] - by[ref, s][key] for s in seeds]
+                lines.append(row(f"{arm} minus {ref}: {name}", diffs, 100, 1))
         done = [by[arm, s] for (a, s), res in by.items() if a == arm and res and "control_norm" in res]
         for key, name in (("control_norm", "backbone control"), ("token_control_norm", "token control")):
             if done and all(key in r for r in done):
@@ -339,8 +352,8 @@ def paired(runs, reference):
     return [] if len(lines) == 2 else ["Paired differences (signs: seeds above and below 0):", "", *lines, ""]
 
 
-def summary(runs, reference):
-    """Markdown, a row per arm: kNN and linear (mean ± sd), kNN minus the reference arm per seed (mean ± sd, seeds
+def summary(runs, references):
+    """Markdown, a row per arm: kNN and linear (mean ± sd), kNN minus its reference arm per seed (mean ± sd, seeds
     above and below, the 95% CI half-width), and for a head the last layer's F~, F~ minus its backbone and its token
     control (mean ± sd, signs), the entropy and the largest single head's F~. Reads runs.json's records alone."""
     by = {(r["arm"], r["seed"]): shown(r["results"]) for r in runs}
@@ -348,11 +361,10 @@ def summary(runs, reference):
     def diff(values, digits):
         if not values:
             return "—"
-        signs = f"{sum(v > 0 for v in values)}+ {sum(v < 0 for v in values)}-"
+        p = pairs(values, digits)
         if len(values) == 1:
-            return f"{values[0]:+.{digits}f} ({signs})"
-        sd, ci = statistics.stdev(values), T975[len(values) - 1] * statistics.stdev(values) / len(values) ** 0.5
-        return f"{statistics.mean(values):+.{digits}f} ± {sd:.{digits}f} ({signs}; CI ±{ci:.{digits}f})"
+            return f"{values[0]:+.{digits}f} ({p['signs']})"
+        return f"{p['mean']} ± {p['sd']} ({p['signs']}; CI ±{p['ci']})"
 
     head = "| arm | kNN % | linear % | kNN minus the MLP, paired | F~, last layer | F~ minus backbone control, last"
     lines = [head + " | F~ minus token control, last | entropy, last | largest head's F~ |", "|" + " --- |" * 9]
@@ -362,8 +374,8 @@ def summary(runs, reference):
             mean_std([r["knn_acc"] for r in done.values()], 100),
             mean_std([r["linear_acc"] for r in done.values()], 100),
         ]
-        ref = [100 * (done[s]["knn_acc"] - by[reference, s]["knn_acc"]) for s in done if by.get((reference, s))]
-        cells.append(diff(ref, 1) if reference and arm != reference else "—")
+        ref = references.get(arm)
+        cells.append(diff([100 * (done[s]["knn_acc"] - by[ref, s]["knn_acc"]) for s in done if by.get((ref, s))], 1))
         heads = [r for r in done.values() if "entropy" in r]
         cells.append(mean_std([r["fusion_norm"][-1] for r in heads], 1, 3))
         for key in ("control_norm", "token_control_norm"):
@@ -375,11 +387,18 @@ def summary(runs, reference):
 
 
 def reference(name):
-    """The table's MLP arm that every other arm is paired with: its one `--head ffn` arm, or with several (heads
-    also has the 10-layer MLP) the one of exactly `--head ffn`; None where there is none (batch: an MLP per N)."""
-    mlps = [arm for arm, flags, _ in TABLES[name] if flags.split()[:2] == ["--head", "ffn"]]
-    mlps = [arm for arm, flags, _ in TABLES[name] if flags == "--head ffn"] if len(mlps) > 1 else mlps
-    return mlps[0] if len(mlps) == 1 else None
+    """{arm: the MLP arm it is paired with, or None}: the table's one `--head ffn` arm; with several, the one of
+    exactly `--head ffn` (heads also has the 10-layer MLP), else the one whose name ends as the arm's does (batch:
+    "N = 64", the MLP at the arm's own batch size). An MLP arm is paired with none but the plain MLP."""
+    mlps = {arm: flags for arm, flags, _ in TABLES[name] if flags.split()[:2] == ["--head", "ffn"]}
+    plain = [arm for arm, flags in mlps.items() if flags == "--head ffn"] if len(mlps) > 1 else list(mlps)
+    ends = lambda arm: arm.rsplit(", ", 1)[-1]  # noqa: E731
+    refs = {}
+    for arm, _, _ in TABLES[name]:
+        same = [mlp for mlp in mlps if ends(mlp) == ends(arm)]
+        ref = plain[0] if plain else same[0] if len(same) == 1 else None
+        refs[arm] = ref if ref != arm else None
+    return refs
 
 
 def make_table(name, seeds, out_dir, common):
