@@ -1545,6 +1545,10 @@ def test_each_arm_is_paired_with_the_mlp_of_its_own_setting():
     assert "| authors' head, N = 64 minus SimCLR MLP head, N = 64: kNN % | +2.0 +1.0 | +1.5 ± 0.7 | 2+ 0- |" in rows
     assert "| authors' head, N = 512 minus SimCLR MLP head, N = 512: kNN % | -1.0 +0.0 | -0.5 ± 0.7 | 0+ 1- |" in rows
     assert "| SimCLR MLP head, N = 64 minus" not in rows
+    summary = "\n".join(table.summary(runs, refs))  # what --summary prints: the same N-wise pairs
+    assert "| authors' head, N = 512 | 24.5 ± 6.4 | 24.5 ± 6.4 | -0.5 ± 0.7 (0+ 1-; CI ±" in summary
+    assert "| SimCLR MLP head, N = 64 | 45.0 ± 7.1 | 45.0 ± 7.1 | — |" in summary
+    assert table.reference("learned_long")["authors' head, its own AdamW, 100 epochs"] == "SimCLR MLP head, 100 epochs"
     assert table.pairs([1.0], 1) == {"signs": "1+ 0-"} and table.pairs([0.1, 0.1], 1)["d"] == "—"  # no spread
 
 

@@ -389,7 +389,7 @@ def summary(runs, references):
 def reference(name):
     """{arm: the MLP arm it is paired with, or None}: the table's one `--head ffn` arm; with several, the one of
     exactly `--head ffn` (heads also has the 10-layer MLP), else the one whose name ends as the arm's does (batch:
-    "N = 64", the MLP at the arm's own batch size). An MLP arm is paired with none but the plain MLP."""
+    "N = 64", the MLP at the arm's own batch size). An MLP arm is paired only with the plain MLP, never with itself."""
     mlps = {arm: flags for arm, flags, _ in TABLES[name] if flags.split()[:2] == ["--head", "ffn"]}
     plain = [arm for arm, flags in mlps.items() if flags == "--head ffn"] if len(mlps) > 1 else list(mlps)
     ends = lambda arm: arm.rsplit(", ", 1)[-1]  # noqa: E731
@@ -427,7 +427,8 @@ def make_table(name, seeds, out_dir, common):
     spread = spread if len(seeds) > 1 else f"One seed ({seeds[0]}): single runs, no spread"
     table.append(f"{spread}; chance of F~: {chance:.3f}." if chance else f"{spread}.")
     table += ["", "```bash", command, "```", ""]
-    table += ["Summary, read as pairs (each arm against the same seed's MLP run; a head against its controls):", ""]
+    pairing = "each arm against the same seed's MLP run" + (" at the arm's N" if name == "batch" else "")
+    table += [f"Summary, read as pairs ({pairing}; a head against its controls):", ""]
     table += [*summary(runs, reference(name)), ""]
     table += by_layer(runs)
     table += paired(runs, reference(name))
