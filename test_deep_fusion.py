@@ -1550,6 +1550,15 @@ def test_each_arm_is_paired_with_the_mlp_of_its_own_setting():
     assert "| SimCLR MLP head, N = 64 | 45.0 ± 7.1 | 45.0 ± 7.1 | — |" in summary
     assert table.reference("learned_long")["authors' head, its own AdamW, 100 epochs"] == "SimCLR MLP head, 100 epochs"
     assert table.pairs([1.0], 1) == {"signs": "1+ 0-"} and table.pairs([0.1, 0.1], 1)["d"] == "—"  # no spread
+    head = [  # F~ minus its control layer by layer, as pairs: layer 1 above in every seed, layer 2 not
+        {"arm": "h", "seed": s, "results": {"fusion_norm": [f, 0.1], "control_norm": [0.1, c], "entropy": [5.0, 5.0]}}
+        for s, (f, c) in enumerate(((0.20, 0.11), (0.21, 0.09), (0.19, 0.10)))
+    ]
+    for run in head:
+        run["results"]["token_control_norm"] = run["results"]["control_norm"]
+    layers = "\n".join(table.by_layer(head))
+    assert "| h | backbone control | +0.1000 (3+ 0-)* · +0.0000 (1+ 1-) |" in layers
+    assert "| h | token control | +0.1000 (3+ 0-)* · +0.0000 (1+ 1-) |" in layers
 
 
 def test_table_runs_arms_by_seeds_writes_markdown_and_json_and_skips_finished_runs(tmp_path, monkeypatch, capsys):

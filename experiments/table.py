@@ -283,18 +283,40 @@ def epochs_table(folder, runs):
     return "\n".join(lines) + "\n"
 
 
+def layer_gap(p):
+    """One layer's head-minus-control cell: mean (signs), starred where the 95% CI excludes 0."""
+    return f"{p['mean']} ({p['signs']}){'*' * p['detected']}"
+
+
 def by_layer(runs):
     """Markdown: per arm with attention, F~, its backbone and token controls and the entropy at every layer, mean
-    over seeds."""
+    over seeds; then, layer by layer, F~ minus each control read as pairs (the mean, the seeds above and below, and
+    whether the 95% CI excludes 0)."""
     lines = ["| arm | F~ by layer | backbone control by layer | token control by layer | entropy by layer (nats) |"]
     lines.append("|" + " --- |" * 5)
+    gaps = ["| arm | F~ minus | layer by layer: mean (seeds above, below; * where the 95% CI excludes 0) |"]
+    gaps.append("|" + " --- |" * 3)
     for arm in dict.fromkeys(r["arm"] for r in runs if "fusion_norm" in (shown(r["results"]) or {})):
         done = [shown(r["results"]) for r in runs if r["arm"] == arm and r["results"]]
         keys = (("fusion_norm", 3), ("control_norm", 3), ("token_control_norm", 3), ("entropy", 2))
         cells = [" ".join(f"{statistics.mean(v):.{d}f}" for v in zip(*(r[key] for r in done)))
                  if all(key in r for r in done) else "—" for key, d in keys]  # fmt: skip
         lines.append(f"| {arm} | " + " | ".join(cells) + " |")
-    return [] if len(lines) == 2 else ["Every layer, first to last, mean over the seeds that finished:", "", *lines, ""]
+        for key, name in (("control_norm", "backbone control"), ("token_control_norm", "token control")):
+            if len(done) > 1 and all(key in r for r in done):
+                layers = zip(*([f - c for f, c in zip(r["fusion_norm"], r[key])] for r in done))  # per layer, seeds
+                cells = [layer_gap(pairs(gap, 4)) for gap in layers]
+                gaps.append(f"| {arm} | {name} | " + " · ".join(cells) + " |")
+    if len(lines) == 2:
+        return []
+    gaps = [
+        "F~ minus its controls, layer by layer, read as pairs (a head and its controls share the batch):",
+        "",
+        *gaps,
+    ]
+    return ["Every layer, first to last, mean over the seeds that finished:", "", *lines, ""] + (
+        [*gaps, ""] if len(gaps) > 5 else []
+    )
 
 
 T975 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26}  # Student's t, 97.5%
@@ -303,16 +325,19 @@ T975 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31,
 def pairs(diffs, digits):
     """Per-seed differences read as pairs, as text to `digits`: the seeds above and below 0 ("2+ 1-"), and with two
     or more their mean, sd, effect size d = mean / sd and the half-width of the mean's 95% confidence interval (t
-    with n - 1 degrees of freedom): the smallest mean difference these seeds detect."""
+    with n - 1 degrees of freedom): the smallest mean difference these seeds detect; `detected` when the interval
+    excludes 0."""
     out = {"signs": f"{sum(d > 0 for d in diffs)}+ {sum(d < 0 for d in diffs)}-"}
     if len(diffs) < 2:
         return out
     mean, sd = statistics.mean(diffs), statistics.stdev(diffs)
+    ci = T975[len(diffs) - 1] * sd / len(diffs) ** 0.5
     return out | {
+        "detected": abs(mean) > ci,
         "mean": f"{mean:+.{digits}f}",
         "sd": f"{sd:.{digits}f}",
         "d": f"{mean / sd:+.1f}" if sd > 0.5 * 10**-digits else "—",  # a spread below the rounding: no effect size
-        "ci": f"{T975[len(diffs) - 1] * sd / len(diffs) ** 0.5:.{digits}f}",
+        "ci": f"{ci:.{digits}f}",
     }
 
 
