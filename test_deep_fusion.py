@@ -1650,7 +1650,7 @@ RUN_FILES |= {"provenance.json", "stopped.json"}  # table.py's, in each run fold
 RUN_KEYS = set("epoch loss lr time_s knn_acc linear_acc fusion fusion_norm fusion_chance fusion_norm_chance".split())
 RUN_KEYS |= set("self_mass partner_mass entropy control_norm control_beta fusion_norm_per_head knn_acc_init".split())
 RUN_KEYS |= set("device train_time_s attn labels pair h head_1nn_acc backbone_1nn_acc".split())
-RUN_KEYS |= set("token_control_norm control_tokens lr_scale copied_from knn_acc_init".split())
+RUN_KEYS |= set("token_control_norm control_tokens lr_scale copied_from".split())
 
 
 def doc_texts():

@@ -294,8 +294,7 @@ def by_layer(runs):
     whether the 95% CI excludes 0)."""
     lines = ["| arm | F~ by layer | backbone control by layer | token control by layer | entropy by layer (nats) |"]
     lines.append("|" + " --- |" * 5)
-    gaps = ["| arm | F~ minus | layer by layer: mean (seeds above, below; * where the 95% CI excludes 0) |"]
-    gaps.append("|" + " --- |" * 3)
+    gaps = []  # F~ minus each control, a row per arm and control
     for arm in dict.fromkeys(r["arm"] for r in runs if "fusion_norm" in (shown(r["results"]) or {})):
         done = [shown(r["results"]) for r in runs if r["arm"] == arm and r["results"]]
         keys = (("fusion_norm", 3), ("control_norm", 3), ("token_control_norm", 3), ("entropy", 2))
@@ -305,18 +304,15 @@ def by_layer(runs):
         for key, name in (("control_norm", "backbone control"), ("token_control_norm", "token control")):
             if len(done) > 1 and all(key in r for r in done):
                 layers = zip(*([f - c for f, c in zip(r["fusion_norm"], r[key])] for r in done))  # per layer, seeds
-                cells = [layer_gap(pairs(gap, 4)) for gap in layers]
-                gaps.append(f"| {arm} | {name} | " + " · ".join(cells) + " |")
+                gaps.append(f"| {arm} | {name} | " + " · ".join(layer_gap(pairs(gap, 4)) for gap in layers) + " |")
     if len(lines) == 2:
         return []
-    gaps = [
-        "F~ minus its controls, layer by layer, read as pairs (a head and its controls share the batch):",
-        "",
-        *gaps,
-    ]
-    return ["Every layer, first to last, mean over the seeds that finished:", "", *lines, ""] + (
-        [*gaps, ""] if len(gaps) > 5 else []
-    )
+    out = ["Every layer, first to last, mean over the seeds that finished:", "", *lines, ""]
+    if gaps:
+        out += ["F~ minus its controls, layer by layer, read as pairs (a head and its controls share the batch):", ""]
+        out += ["| arm | F~ minus | layer by layer: mean (seeds above, below; * where the 95% CI excludes 0) |"]
+        out += ["|" + " --- |" * 3, *gaps, ""]
+    return out
 
 
 T975 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26}  # Student's t, 97.5%
